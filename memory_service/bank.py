@@ -1,0 +1,300 @@
+"""The memory bank: a stream's keys/values in chunks, searched by inner product on chunk means.
+
+This module is plain torch: no Ray, no gRPC. The pieces:
+
+- `BankSpec`: the shape and policy of a bank (heads, head dim, chunk size, capacity, dtype).
+- `Chunker`: numbers a stream's tokens into chunks of `chunk_size` in arrival order and holds
+  the trailing partial chunk until the next append; it also knows which chunks FIFO eviction
+  keeps (the newest `capacity_chunks`).
+- `ChunkStore`: the chunks one shard holds (all of them when there is one shard): a ring
+  buffer with exact search over the chunk means and a gather of chunk keys/values.
+
+Sharding rule: chunk `g` (global id, counted from 0 since the last reset) lives on shard
+`g % n_shards`. Every shard searches every query; `merge_topk` combines the local top chunks
+into the exact global top-k.
+
+Search follows LongMem (Wang et al. 2023): the search key of a chunk is the mean of its keys
+per head; query head `h` searches key/value head `h // (q_heads // kv_heads)`; scores are
+unscaled inner products.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from memory_service.errors import InvalidArgument, NotFound
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+INDEX_KINDS = ("exact",)
+EVICTIONS = ("fifo",)
+
+MAX_TOP_K = 4096  # chunks per (query, head); more is a mistake, not a request
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_CHUNK_SIZE = 1024
+MAX_CAPACITY_TOKENS = 1 << 36
+SEARCH_BLOCK_SCORES = 1 << 25  # score-matrix entries computed at once (128 MiB of float32)
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """What a bank holds: `kv_heads` heads of `head_dim`, in chunks of `chunk_size` tokens."""
+
+    kv_heads: int
+    head_dim: int
+    chunk_size: int = 4
+    capacity_tokens: int = 65536
+    dtype: str = "float16"
+    index: str = "exact"
+    eviction: str = "fifo"
+
+    def __post_init__(self) -> None:
+        for name, value, limit in (
+            ("kv_heads", self.kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("chunk_size", self.chunk_size, MAX_CHUNK_SIZE),
+            ("capacity_tokens", self.capacity_tokens, MAX_CAPACITY_TOKENS),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
+                raise InvalidArgument(f"{name} must be an integer in [1, {limit}], got {value!r}")
+        if self.capacity_tokens < self.chunk_size:
+            raise InvalidArgument(
+                f"capacity_tokens ({self.capacity_tokens}) must hold at least one chunk "
+                f"of chunk_size {self.chunk_size}"
+            )
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.index not in INDEX_KINDS:
+            raise InvalidArgument(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
+        if self.eviction not in EVICTIONS:
+            raise InvalidArgument(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+
+    @property
+    def capacity_chunks(self) -> int:
+        return self.capacity_tokens // self.chunk_size
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Stored bytes per token: keys and values, plus the float32 chunk means."""
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.kv_heads * self.head_dim * (2 * itemsize + 4 / self.chunk_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_kv(spec: BankSpec, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Raise InvalidArgument unless keys/values are finite `(n_tokens, kv_heads, head_dim)`."""
+    for name, t in (("keys", keys), ("values", values)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise InvalidArgument(f"{name} must be a floating-point tensor")
+        if t.dim() != 3:
+            raise InvalidArgument(
+                f"{name} must have shape (n_tokens, kv_heads, head_dim), got rank {t.dim()}"
+            )
+        if tuple(t.shape[1:]) != (spec.kv_heads, spec.head_dim):
+            raise InvalidArgument(
+                f"{name} have {tuple(t.shape[1:])} (kv_heads, head_dim) per token; "
+                f"the bank holds ({spec.kv_heads}, {spec.head_dim})"
+            )
+        if t.shape[0] == 0:
+            raise InvalidArgument(f"{name} are empty: append at least one token")
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidArgument(f"{name} contain NaN or Inf")
+    if keys.shape != values.shape:
+        raise InvalidArgument(
+            f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ in shape"
+        )
+
+
+def check_queries(spec: BankSpec, queries: torch.Tensor, top_k: int) -> None:
+    """Raise InvalidArgument unless queries are finite `(B, n, q_heads, head_dim)` for `spec`."""
+    if not isinstance(top_k, int) or not 0 < top_k <= MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be an integer in [1, {MAX_TOP_K}], got {top_k!r}")
+    if not isinstance(queries, torch.Tensor) or not queries.is_floating_point():
+        raise InvalidArgument("queries must be a floating-point tensor")
+    if queries.dim() != 4:
+        raise InvalidArgument(
+            f"queries must have shape (banks, n_queries, q_heads, head_dim), got rank {queries.dim()}"
+        )
+    if queries.numel() == 0:
+        raise InvalidArgument(f"queries are empty: shape {tuple(queries.shape)}")
+    q_heads, head_dim = queries.shape[2:]
+    if head_dim != spec.head_dim:
+        raise InvalidArgument(f"queries have head_dim {head_dim}; the bank has {spec.head_dim}")
+    if q_heads % spec.kv_heads:
+        raise InvalidArgument(
+            f"queries have {q_heads} heads, not a multiple of the bank's {spec.kv_heads} kv heads"
+        )
+    if not bool(torch.isfinite(queries).all()):
+        raise InvalidArgument("queries contain NaN or Inf")
+
+
+class Chunker:
+    """Numbers a stream's tokens into chunks; the trailing partial chunk waits for more tokens."""
+
+    def __init__(self, spec: BankSpec):
+        self.spec = spec
+        self.reset()
+
+    def reset(self) -> None:
+        self.next_chunk_id = 0  # global id of the next full chunk
+        shape = (0, self.spec.kv_heads, self.spec.head_dim)
+        self.pending_keys = torch.empty(shape, dtype=self.spec.torch_dtype)
+        self.pending_values = torch.empty(shape, dtype=self.spec.torch_dtype)
+
+    @property
+    def pending_tokens(self) -> int:
+        return self.pending_keys.shape[0]
+
+    @property
+    def oldest_live_id(self) -> int:
+        """FIFO eviction: only the newest `capacity_chunks` chunks are kept."""
+        return max(0, self.next_chunk_id - self.spec.capacity_chunks)
+
+    def push(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Add tokens `(n, H, D)`; return `(first_id, keys, values)` of the completed chunks.
+
+        The chunk tensors are `(C, chunk_size, H, D)` in the bank dtype; C may be 0.
+        """
+        csz = self.spec.chunk_size
+        keys = torch.cat([self.pending_keys, keys.to("cpu", self.spec.torch_dtype)])  # (P+n, H, D)
+        values = torch.cat([self.pending_values, values.to("cpu", self.spec.torch_dtype)])
+        n_full = keys.shape[0] // csz * csz
+        self.pending_keys, self.pending_values = keys[n_full:].clone(), values[n_full:].clone()
+        first_id = self.next_chunk_id
+        self.next_chunk_id += n_full // csz
+        shape = (n_full // csz, csz, self.spec.kv_heads, self.spec.head_dim)
+        return first_id, keys[:n_full].view(shape), values[:n_full].view(shape)
+
+
+class ChunkStore:
+    """The chunks of one bank that live on shard `shard` of `n_shards`, on `device`.
+
+    A ring buffer of `ceil(capacity_chunks / n_shards)` slots, allocated as it fills. Chunk
+    `g` sits in slot `(g // n_shards) % slots`; two live chunks never share a slot because
+    live ids span fewer than `capacity_chunks` consecutive ids.
+    """
+
+    def __init__(self, spec: BankSpec, shard: int = 0, n_shards: int = 1, device: str = "cpu"):
+        self.spec, self.shard, self.n_shards = spec, shard, n_shards
+        self.device = torch.device(device)
+        self.slots = math.ceil(spec.capacity_chunks / n_shards)
+        self.reset()
+
+    def reset(self) -> None:
+        H, D, csz = self.spec.kv_heads, self.spec.head_dim, self.spec.chunk_size
+        kw = {"device": self.device}
+        self.keys = torch.zeros(H, 0, csz, D, dtype=self.spec.torch_dtype, **kw)  # (H, S, csz, D)
+        self.values = torch.zeros_like(self.keys)
+        self.means = torch.zeros(H, 0, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
+        self.ids = torch.full((0,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
+        self.oldest_live_id = 0
+
+    @property
+    def allocated(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def live(self) -> torch.Tensor:
+        """(S,) bool: slots holding a chunk that eviction has not dropped."""
+        return self.ids >= self.oldest_live_id
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.live.sum())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.means))
+
+    def _grow(self, needed: int) -> None:
+        size = min(self.slots, max(needed, 2 * self.allocated, 64))
+        extra = size - self.allocated
+        H, D, csz = self.spec.kv_heads, self.spec.head_dim, self.spec.chunk_size
+        kw = {"device": self.device}
+        pad = torch.zeros(H, extra, csz, D, dtype=self.spec.torch_dtype, **kw)
+        self.keys = torch.cat([self.keys, pad], 1)
+        self.values = torch.cat([self.values, pad], 1)
+        self.means = torch.cat([self.means, torch.zeros(H, extra, D, **kw)], 1)
+        self.ids = torch.cat([self.ids, torch.full((extra,), -1, dtype=torch.int64, **kw)])
+
+    def add(
+        self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, oldest_live_id: int
+    ) -> None:
+        """Store chunks `ids` `(C,)` of this shard, `(C, csz, H, D)`; evict ids below the mark."""
+        if bool((ids % self.n_shards != self.shard).any()):
+            raise InvalidArgument(f"chunks sent to shard {self.shard} belong to another shard")
+        keep = ids >= oldest_live_id  # an append larger than the bank keeps only its tail
+        ids, keys, values = ids[keep], keys[keep], values[keep]
+        self.oldest_live_id = oldest_live_id
+        if ids.numel() == 0:
+            return
+        slots = (ids // self.n_shards) % self.slots
+        if int(slots.max()) >= self.allocated:
+            self._grow(int(slots.max()) + 1)
+        slots = slots.to(self.device)
+        keys = keys.to(self.device).permute(2, 0, 1, 3)  # (H, c, csz, D)
+        self.keys[:, slots] = keys
+        self.values[:, slots] = values.to(self.device).permute(2, 0, 1, 3)
+        self.means[:, slots] = keys.float().mean(2)  # (H, c, D)
+        self.ids[slots] = ids.to(self.device)
+
+    def search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local top-k chunks for queries `(n, Hq, D)`.
+
+        Returns scores `(n, Hq, top_k)` float32 (-inf where fewer chunks exist) and global
+        chunk ids `(n, Hq, top_k)` int64 (-1 there), best first.
+        """
+        n, Hq, D = queries.shape
+        H = self.spec.kv_heads
+        g = Hq // H  # query heads per kv head
+        k = min(top_k, self.allocated)
+        q = queries.to(self.device, torch.float32).view(n, H, g, D)
+        q = q.permute(1, 0, 2, 3).reshape(H, n * g, D)  # (H, n*g, D)
+        scores = torch.full((H, n * g, top_k), -math.inf, device=self.device)
+        slots = torch.zeros((H, n * g, top_k), dtype=torch.int64, device=self.device)
+        if k > 0:
+            dead = ~self.live  # (S,)
+            block = max(1, SEARCH_BLOCK_SCORES // max(1, H * self.allocated))
+            for start in range(0, n * g, block):
+                s = torch.bmm(q[:, start : start + block], self.means.transpose(1, 2))  # (H, b, S)
+                s.masked_fill_(dead, -math.inf)
+                top = s.topk(k, dim=-1)
+                scores[:, start : start + block, :k] = top.values
+                slots[:, start : start + block, :k] = top.indices
+        ids = torch.where(torch.isfinite(scores), self.ids[slots], -1)
+        unflat = lambda t: t.view(H, n, g, top_k).permute(1, 0, 2, 3).reshape(n, Hq, top_k)  # noqa: E731
+        return unflat(scores), unflat(ids)
+
+    def gather(self, heads: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(U, csz, D)` of chunks `ids` `(U,)` on kv heads `heads` `(U,)`."""
+        slots = (ids // self.n_shards) % self.slots
+        if ids.numel() and (
+            bool((ids % self.n_shards != self.shard).any())
+            or int(slots.max()) >= self.allocated
+            or bool((self.ids[slots] != ids).any())
+            or int(ids.min()) < self.oldest_live_id
+        ):
+            raise NotFound("some requested chunks are not (or no longer) on this shard")
+        heads, slots = heads.to(self.device), slots.to(self.device)
+        return self.keys[heads, slots], self.values[heads, slots]
+
+
+def merge_topk(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-shard `(scores, ids)` `(..., top_k)` into the global top-k, best first."""
+    if len(parts) == 1:
+        return parts[0]
+    scores = torch.cat([s for s, _ in parts], -1)  # (..., shards*top_k)
+    ids = torch.cat([i for _, i in parts], -1)
+    top = scores.topk(top_k, dim=-1)
+    return top.values, ids.gather(-1, top.indices)

@@ -1,0 +1,114 @@
+"""`longmem`: the command line.
+
+    longmem serve [--shards N] [--host H] [--port P] [--address RAY] [--tenants FILE]
+    longmem demo  (a short client session against an embedded service)
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from memory_service.errors import ServiceError
+from memory_service.server import MAX_MESSAGE_BYTES
+from memory_service.tenancy import TenantTable
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from memory_service.service import start_service
+
+    tenants = TenantTable.load(args.tenants) if args.tenants else TenantTable.single()
+    service = start_service(
+        shards=args.shards, host=args.host, port=args.port, tenants=tenants,
+        ray_address=args.address, gpus_per_shard=args.gpus_per_shard,
+        max_message_bytes=args.max_message_mb << 20,
+    )
+    devices = ", ".join(service.engine.devices)
+    print(f"longmem memory service listening on {service.address} "
+          f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    print("longmem: shutting down", flush=True)
+    service.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the embedded service, then create a bank, append to it and search it over gRPC."""
+    from memory_service.client import MemoryClient
+    from memory_service.service import start_service
+
+    t0 = time.perf_counter()
+    service = start_service(shards=args.shards)
+    print(f"[{time.perf_counter() - t0:5.1f}s] memory service up at {service.address} "
+          f"with {args.shards} shards")
+    client = MemoryClient(service.address)
+    try:
+        kv_heads, head_dim, q_heads = 3, 64, 9  # SmolLM2-135M's attention shape
+        info = client.create_bank("book", kv_heads=kv_heads, head_dim=head_dim,
+                                  capacity_tokens=8192)
+        print(f"created bank 'book': {info['spec']}")
+        g = torch.Generator().manual_seed(0)
+        for step in range(4):
+            keys = torch.randn(1000, kv_heads, head_dim, generator=g)
+            r = client.append("book", keys, torch.randn_like(keys))
+            print(f"appended 1000 tokens: {r['appended_chunks']} chunks so far, "
+                  f"{r['pending_tokens']} tokens pending")
+        queries = keys[-8:].repeat_interleave(q_heads // kv_heads, dim=1)[None]  # (1, 8, 9, 64)
+        t = time.perf_counter()
+        result = client.search(["book"], queries, top_k=16)
+        print(f"searched 8 queries x {q_heads} heads, top 16 chunks, in "
+              f"{1e3 * (time.perf_counter() - t):.1f} ms: keys {tuple(result.keys.shape)}")
+        newest = client.describe_bank("book")["appended_chunks"] - 1
+        print(f"the best chunk for the last query is chunk {int(result.chunk_ids[0, -1, 0, 0])} "
+              f"(the newest chunk is {newest}); score {float(result.scores[0, -1, 0, 0]):.1f}")
+        info = client.describe_bank("book")
+        print(f"bank 'book': {info['size_tokens']} tokens in {info['chunks']} chunks on "
+              f"{info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB")
+    finally:
+        client.close()
+        service.stop()
+    print(f"[{time.perf_counter() - t0:5.1f}s] done")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longmem", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the memory service (gRPC over Ray actors)")
+    serve.add_argument("--shards", type=int, default=1, help="shard actors (default 1)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    serve.add_argument("--address", default=None,
+                       help="Ray cluster to join (e.g. 'auto'); default: an embedded local Ray")
+    serve.add_argument("--tenants", default=None, help="tenant config file (YAML/JSON)")
+    serve.add_argument("--gpus-per-shard", type=float, default=None,
+                       help="GPUs per shard (default: 1 when the cluster has one per shard)")
+    serve.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_BYTES >> 20,
+                       help="largest accepted request in MiB (default 64)")
+    serve.set_defaults(run=cmd_serve)
+
+    demo = sub.add_parser("demo", help="start an embedded service and run a client session")
+    demo.add_argument("--shards", type=int, default=2)
+    demo.set_defaults(run=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ServiceError, ValueError, OSError) as e:
+        print(f"longmem {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
