@@ -10,8 +10,9 @@ and without patching its source:
 
 The backbone runs its own forward pass. Forward hooks collect what LongMem needs:
 every hidden state `H_llm[0..L]` (`H_llm[0]` = the input of layer 0, i.e. the embeddings),
-the keyword arguments the model passes to its layers (causal mask, rotary cos/sin), which
-the SideNet reuses so its copied layers see exactly what the backbone's layers saw, and
+the keyword arguments the model passes to each layer (causal or sliding-window mask, rotary
+cos/sin), which the SideNet reuses so each copied layer sees exactly what its source layer
+saw, and
 the keys/values of the retrieval layer `m` as the projections emit them (for rotary
 models: before the rotary embedding, so memory stays position-free).
 """
@@ -197,7 +198,7 @@ class BackboneOutput:
     """What one frozen backbone pass yields for the SideNet and the memory."""
 
     hidden: list[torch.Tensor]  # L + 1 tensors (B, T, C); hidden[0] = embeddings
-    layer_kwargs: dict[str, Any]  # what the backbone passed to its layers (mask, rotary)
+    layer_kwargs: list[dict[str, Any]]  # per layer: what the backbone passed (mask, rotary)
     keys: torch.Tensor  # (B, T, Hkv, D) layer-m keys, un-rotated
     values: torch.Tensor  # (B, T, Hkv, D) layer-m values
 
@@ -239,24 +240,27 @@ class Backbone(nn.Module):
         layers = self.adapter.layers(self.model)
         kv_mods = self.adapter.kv_modules(layers[self.retrieval_layer])
         hidden: list[torch.Tensor] = []
-        layer_kwargs: dict[str, Any] = {}
+        layer_kwargs: list[dict[str, Any]] = []
         kv: list[torch.Tensor] = [torch.empty(0)] * len(kv_mods)
 
         def pre_hook(mod, args, kwargs):
             # Normalise to keywords: some models pass the mask etc. positionally.
             bound = inspect.signature(mod.forward).bind(*args, **kwargs).arguments
+            kw: dict[str, Any] = {}
             for i, (name, value) in enumerate(bound.items()):
                 if i == 0:
-                    hidden.append(value)  # H_llm[0], the embeddings
+                    if not hidden:
+                        hidden.append(value)  # H_llm[0], the embeddings
                 elif isinstance(value, dict) and name == _var_keyword(mod.forward):
-                    layer_kwargs.update(value)
-                else:
-                    layer_kwargs[name] = value
+                    kw.update(value)
+                elif name not in ("past_key_values", "use_cache"):
+                    kw[name] = value
+            layer_kwargs.append(kw)
 
         def out_hook(_mod, _args, out):
             hidden.append(out[0] if isinstance(out, tuple) else out)
 
-        handles = [layers[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
+        handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
         handles += [layer.register_forward_hook(out_hook) for layer in layers]
         for i, mod in enumerate(kv_mods):
             hook = lambda _m, _a, out, i=i: kv.__setitem__(i, out)  # noqa: E731
@@ -268,8 +272,6 @@ class Backbone(nn.Module):
                 h.remove()
         assert len(hidden) == self.n_layers + 1, "backbone layers ran an unexpected number of times"
         keys, values = self.adapter.kv_from_outputs(kv, self.n_kv_heads, self.head_dim)
-        for k in ("past_key_values", "use_cache"):
-            layer_kwargs.pop(k, None)
         return BackboneOutput(hidden, layer_kwargs, keys, values)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

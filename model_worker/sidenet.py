@@ -15,8 +15,8 @@ This follows the official code (`Victorwz/LongMem`,
 `retrieval_layer // r`, and the residual is added to the layer output. Differences: all
 SideNet layers are trained (the official code tries to freeze the lower half with a
 no-op `module.requires_grad = False`), and the layers are the backbone's own Hugging Face
-layer classes, called with the same keyword arguments (causal mask, rotary cos/sin) the
-backbone passed to its layers.
+layer classes, each called with the keyword arguments (mask, rotary cos/sin) the backbone
+passed to the layer it was copied from.
 """
 
 from __future__ import annotations
@@ -112,9 +112,10 @@ class SideNet(nn.Module):
         """Backbone states -> final SideNet hidden (B, T, C) and the memory search result."""
         x, found = bb.hidden[0], None  # (B, T, C)
         for i, layer in enumerate(self.layers):
+            kwargs = bb.layer_kwargs[self.r * (i + 1) - 1]  # those of its source layer
             if isinstance(layer, JointAttentionLayer):
-                x, found = layer(x, bb.layer_kwargs, retrieve)
+                x, found = layer(x, kwargs, retrieve)
             else:
-                x = run_layer(layer, x, bb.layer_kwargs)
+                x = run_layer(layer, x, kwargs)
             x = x + (bb.hidden[self.r * (i + 1)] - bb.hidden[self.r * i])
         return x, found
