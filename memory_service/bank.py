@@ -270,7 +270,7 @@ class ChunkStore:
                 top = s.topk(k, dim=-1)
                 scores[:, start : start + block, :k] = top.values
                 slots[:, start : start + block, :k] = top.indices
-        ids = torch.where(torch.isfinite(scores), self.ids[slots], -1)
+        ids = torch.where(torch.isfinite(scores), self.ids[slots], -1) if k > 0 else slots - 1
         unflat = lambda t: t.view(H, n, g, top_k).permute(1, 0, 2, 3).reshape(n, Hq, top_k)  # noqa: E731
         return unflat(scores), unflat(ids)
 

@@ -36,7 +36,8 @@ def encode(t: torch.Tensor) -> pb.Tensor:
 def decode(msg: pb.Tensor, name: str) -> torch.Tensor:
     """The tensor in `msg`; InvalidArgument if dtype, shape and byte length do not agree."""
     if msg.dtype not in TORCH_OF:
-        raise InvalidArgument(f"{name}: dtype {pb.DType.Name(msg.dtype)} is not supported")
+        names = ", ".join(pb.DType.Name(d) for d in TORCH_OF)
+        raise InvalidArgument(f"{name}: dtype {msg.dtype} is not supported; use one of {names}")
     shape = list(msg.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise InvalidArgument(f"{name}: invalid shape {shape}")
