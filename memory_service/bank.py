@@ -122,7 +122,8 @@ def check_queries(spec: BankSpec, queries: torch.Tensor, top_k: int) -> None:
         raise InvalidArgument("queries must be a floating-point tensor")
     if queries.dim() != 4:
         raise InvalidArgument(
-            f"queries must have shape (banks, n_queries, q_heads, head_dim), got rank {queries.dim()}"
+            "queries must have shape (banks, n_queries, q_heads, head_dim), "
+            f"got rank {queries.dim()}"
         )
     if queries.numel() == 0:
         raise InvalidArgument(f"queries are empty: shape {tuple(queries.shape)}")
@@ -159,7 +160,9 @@ class Chunker:
         """FIFO eviction: only the newest `capacity_chunks` chunks are kept."""
         return max(0, self.next_chunk_id - self.spec.capacity_chunks)
 
-    def push(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def push(
+        self, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Add tokens `(n, H, D)`; return `(first_id, keys, values)` of the completed chunks.
 
         The chunk tensors are `(C, chunk_size, H, D)` in the bank dtype; C may be 0.
@@ -196,6 +199,7 @@ class ChunkStore:
         self.values = torch.zeros_like(self.keys)
         self.means = torch.zeros(H, 0, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
         self.ids = torch.full((0,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
+        self.used = 0  # slots [0, used) have been written; the rest were never filled
         self.oldest_live_id = 0
 
     @property
@@ -246,6 +250,7 @@ class ChunkStore:
         self.values[:, slots] = values.to(self.device).permute(2, 0, 1, 3)
         self.means[:, slots] = keys.float().mean(2)  # (H, c, D)
         self.ids[slots] = ids.to(self.device)
+        self.used = max(self.used, int(slots.max()) + 1)
 
     def search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Local top-k chunks for queries `(n, Hq, D)`.
@@ -256,21 +261,29 @@ class ChunkStore:
         n, Hq, D = queries.shape
         H = self.spec.kv_heads
         g = Hq // H  # query heads per kv head
-        k = min(top_k, self.allocated)
+        S = self.used  # search the written slots only
+        live = self.live[:S]
+        n_dead = S - int(live.sum())  # evicted, not yet overwritten: at most ~1 per shard
+        k = min(top_k + n_dead, S)  # enough candidates to keep top_k live ones
         q = queries.to(self.device, torch.float32).view(n, H, g, D)
         q = q.permute(1, 0, 2, 3).reshape(H, n * g, D)  # (H, n*g, D)
         scores = torch.full((H, n * g, top_k), -math.inf, device=self.device)
-        slots = torch.zeros((H, n * g, top_k), dtype=torch.int64, device=self.device)
-        if k > 0:
-            dead = ~self.live  # (S,)
-            block = max(1, SEARCH_BLOCK_SCORES // max(1, H * self.allocated))
-            for start in range(0, n * g, block):
-                s = torch.bmm(q[:, start : start + block], self.means.transpose(1, 2))  # (H, b, S)
-                s.masked_fill_(dead, -math.inf)
-                top = s.topk(k, dim=-1)
-                scores[:, start : start + block, :k] = top.values
-                slots[:, start : start + block, :k] = top.indices
-        ids = torch.where(torch.isfinite(scores), self.ids[slots], -1) if k > 0 else slots - 1
+        ids = torch.full((H, n * g, top_k), -1, dtype=torch.int64, device=self.device)
+        means_t = self.means[:, :S].transpose(1, 2)  # (H, D, S)
+        block = max(1, SEARCH_BLOCK_SCORES // max(1, H * S))
+        for start in range(0, n * g if k > 0 else 0, block):
+            rows = slice(start, start + block)
+            s = torch.bmm(q[:, rows], means_t)  # (H, b, S)
+            top = s.topk(k, dim=-1)  # (H, b, k)
+            top_scores = top.values.masked_fill(~live[top.indices], -math.inf)
+            if n_dead:  # drop dead candidates, keep the best top_k live ones
+                best = top_scores.topk(min(top_k, k), dim=-1)
+                top_scores, slots = best.values, top.indices.gather(-1, best.indices)
+            else:
+                slots = top.indices
+            kk = top_scores.shape[-1]
+            scores[:, rows, :kk] = top_scores
+            ids[:, rows, :kk] = torch.where(torch.isfinite(top_scores), self.ids[slots], -1)
         unflat = lambda t: t.view(H, n, g, top_k).permute(1, 0, 2, 3).reshape(n, Hq, top_k)  # noqa: E731
         return unflat(scores), unflat(ids)
 

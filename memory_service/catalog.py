@@ -56,7 +56,9 @@ class Catalog:
             raise AlreadyExists(f"bank {name!r} already exists")
         own = [e for e in self.banks.values() if e.key.startswith(f"{tenant.name}/")]
         if tenant.max_banks is not None and len(own) >= tenant.max_banks:
-            raise ResourceExhausted(f"tenant {tenant.name!r} is at its quota of {tenant.max_banks} banks")
+            raise ResourceExhausted(
+                f"tenant {tenant.name!r} is at its quota of {tenant.max_banks} banks"
+            )
         used = sum(e.spec.capacity_tokens for e in own)
         if tenant.max_tokens is not None and used + spec.capacity_tokens > tenant.max_tokens:
             raise ResourceExhausted(
@@ -80,7 +82,11 @@ class Catalog:
 
     def list_banks(self, tenant: Tenant) -> list[dict]:
         prefix = f"{tenant.name}/"
-        return [self.describe_bank(tenant, e.name) for k, e in sorted(self.banks.items()) if k.startswith(prefix)]
+        return [
+            self.describe_bank(tenant, e.name)
+            for k, e in sorted(self.banks.items())
+            if k.startswith(prefix)
+        ]
 
     def describe_bank(self, tenant: Tenant, name: str) -> dict:
         entry = self._entry(tenant, name)
@@ -108,8 +114,11 @@ class Catalog:
             oldest = entry.chunker.oldest_live_id
             parts = split_chunks(first_id, k, v, self.n_shards)
             self.call("add", {s: (entry.key, *part, oldest) for s, part in enumerate(parts)})
-        return {"appended_tokens": keys.shape[0], "pending_tokens": entry.chunker.pending_tokens,
-                "appended_chunks": entry.chunker.next_chunk_id}
+        return {
+            "appended_tokens": keys.shape[0],
+            "pending_tokens": entry.chunker.pending_tokens,
+            "appended_chunks": entry.chunker.next_chunk_id,
+        }
 
     def resolve(self, tenant: Tenant, names: list[str]) -> tuple[list[str], BankSpec]:
         """Internal keys of the named banks and their common spec (for a search)."""
@@ -119,7 +128,10 @@ class Catalog:
         spec = entries[0].spec
         for e in entries[1:]:
             if (e.spec.kv_heads, e.spec.head_dim, e.spec.chunk_size, e.spec.dtype) != (
-                spec.kv_heads, spec.head_dim, spec.chunk_size, spec.dtype
+                spec.kv_heads,
+                spec.head_dim,
+                spec.chunk_size,
+                spec.dtype,
             ):
                 raise InvalidArgument(
                     f"banks {names[0]!r} and {e.name!r} differ in heads, head dim, chunk size or "

@@ -1,7 +1,7 @@
 """`longmem`: the command line.
 
-    longmem serve [--shards N] [--host H] [--port P] [--address RAY] [--tenants FILE]
-    longmem demo  (a short client session against an embedded service)
+longmem serve [--shards N] [--host H] [--port P] [--address RAY] [--tenants FILE]
+longmem demo  (a short client session against an embedded service)
 """
 
 from __future__ import annotations
@@ -24,13 +24,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     tenants = TenantTable.load(args.tenants) if args.tenants else TenantTable.single()
     service = start_service(
-        shards=args.shards, host=args.host, port=args.port, tenants=tenants,
-        ray_address=args.address, gpus_per_shard=args.gpus_per_shard,
+        shards=args.shards,
+        host=args.host,
+        port=args.port,
+        tenants=tenants,
+        ray_address=args.address,
+        gpus_per_shard=args.gpus_per_shard,
         max_message_bytes=args.max_message_mb << 20,
     )
     devices = ", ".join(service.engine.devices)
-    print(f"longmem memory service listening on {service.address} "
-          f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)})", flush=True)
+    print(
+        f"longmem memory service listening on {service.address} "
+        f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)})",
+        flush=True,
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -48,31 +55,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     service = start_service(shards=args.shards)
-    print(f"[{time.perf_counter() - t0:5.1f}s] memory service up at {service.address} "
-          f"with {args.shards} shards")
+    print(
+        f"[{time.perf_counter() - t0:5.1f}s] memory service up at {service.address} "
+        f"with {args.shards} shards"
+    )
     client = MemoryClient(service.address)
     try:
         kv_heads, head_dim, q_heads = 3, 64, 9  # SmolLM2-135M's attention shape
-        info = client.create_bank("book", kv_heads=kv_heads, head_dim=head_dim,
-                                  capacity_tokens=8192)
+        info = client.create_bank(
+            "book", kv_heads=kv_heads, head_dim=head_dim, capacity_tokens=8192
+        )
         print(f"created bank 'book': {info['spec']}")
         g = torch.Generator().manual_seed(0)
-        for step in range(4):
+        for _ in range(4):
             keys = torch.randn(1000, kv_heads, head_dim, generator=g)
             r = client.append("book", keys, torch.randn_like(keys))
-            print(f"appended 1000 tokens: {r['appended_chunks']} chunks so far, "
-                  f"{r['pending_tokens']} tokens pending")
+            print(
+                f"appended 1000 tokens: {r['appended_chunks']} chunks so far, "
+                f"{r['pending_tokens']} tokens pending"
+            )
         queries = keys[-8:].repeat_interleave(q_heads // kv_heads, dim=1)[None]  # (1, 8, 9, 64)
         t = time.perf_counter()
         result = client.search(["book"], queries, top_k=16)
-        print(f"searched 8 queries x {q_heads} heads, top 16 chunks, in "
-              f"{1e3 * (time.perf_counter() - t):.1f} ms: keys {tuple(result.keys.shape)}")
+        print(
+            f"searched 8 queries x {q_heads} heads, top 16 chunks, in "
+            f"{1e3 * (time.perf_counter() - t):.1f} ms: keys {tuple(result.keys.shape)}"
+        )
         newest = client.describe_bank("book")["appended_chunks"] - 1
-        print(f"the best chunk for the last query is chunk {int(result.chunk_ids[0, -1, 0, 0])} "
-              f"(the newest chunk is {newest}); score {float(result.scores[0, -1, 0, 0]):.1f}")
+        print(
+            f"the best chunk for the last query is chunk {int(result.chunk_ids[0, -1, 0, 0])} "
+            f"(the newest chunk is {newest}); score {float(result.scores[0, -1, 0, 0]):.1f}"
+        )
         info = client.describe_bank("book")
-        print(f"bank 'book': {info['size_tokens']} tokens in {info['chunks']} chunks on "
-              f"{info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB")
+        print(
+            f"bank 'book': {info['size_tokens']} tokens in {info['chunks']} chunks on "
+            f"{info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB"
+        )
     finally:
         client.close()
         service.stop()
@@ -81,21 +99,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="longmem", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="longmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the memory service (gRPC over Ray actors)")
     serve.add_argument("--shards", type=int, default=1, help="shard actors (default 1)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     serve.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    serve.add_argument("--address", default=None,
-                       help="Ray cluster to join (e.g. 'auto'); default: an embedded local Ray")
+    serve.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (e.g. 'auto'); default: an embedded local Ray",
+    )
     serve.add_argument("--tenants", default=None, help="tenant config file (YAML/JSON)")
-    serve.add_argument("--gpus-per-shard", type=float, default=None,
-                       help="GPUs per shard (default: 1 when the cluster has one per shard)")
-    serve.add_argument("--max-message-mb", type=int, default=MAX_MESSAGE_BYTES >> 20,
-                       help="largest accepted request in MiB (default 64)")
+    serve.add_argument(
+        "--gpus-per-shard",
+        type=float,
+        default=None,
+        help="GPUs per shard (default: 1 when the cluster has one per shard)",
+    )
+    serve.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=MAX_MESSAGE_BYTES >> 20,
+        help="largest accepted request in MiB (default 64)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     demo = sub.add_parser("demo", help="start an embedded service and run a client session")

@@ -64,8 +64,15 @@ class InProcessClient:
 
 def info_dict(info: pb.BankInfo) -> dict:
     s = info.spec
-    spec = BankSpec(s.kv_heads, s.head_dim, s.chunk_size, s.capacity_tokens,
-                    NAME_OF[s.dtype], s.index, s.eviction)
+    spec = BankSpec(
+        s.kv_heads,
+        s.head_dim,
+        s.chunk_size,
+        s.capacity_tokens,
+        NAME_OF[s.dtype],
+        s.index,
+        s.eviction,
+    )
     return {
         "name": info.name,
         "spec": spec.to_dict(),
@@ -109,8 +116,12 @@ class MemoryClient:
     def create_bank(self, name: str, **spec) -> dict:
         s = BankSpec(**spec)
         wire = pb.BankSpec(
-            kv_heads=s.kv_heads, head_dim=s.head_dim, chunk_size=s.chunk_size,
-            capacity_tokens=s.capacity_tokens, dtype=WIRE_OF[s.torch_dtype], index=s.index,
+            kv_heads=s.kv_heads,
+            head_dim=s.head_dim,
+            chunk_size=s.chunk_size,
+            capacity_tokens=s.capacity_tokens,
+            dtype=WIRE_OF[s.torch_dtype],
+            index=s.index,
             eviction=s.eviction,
         )
         return info_dict(self._rpc("CreateBank", pb.CreateBankRequest(name=name, spec=wire)))
@@ -131,8 +142,11 @@ class MemoryClient:
         """Append `(n_tokens, kv_heads, head_dim)` keys and values in stream order."""
         request = pb.AppendRequest(bank=name, keys=encode(keys), values=encode(values))
         r = self._rpc("Append", request)
-        return {"appended_tokens": r.appended_tokens, "pending_tokens": r.pending_tokens,
-                "appended_chunks": r.appended_chunks}
+        return {
+            "appended_tokens": r.appended_tokens,
+            "pending_tokens": r.pending_tokens,
+            "appended_chunks": r.appended_chunks,
+        }
 
     def search(self, names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
         """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`."""

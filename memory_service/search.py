@@ -114,9 +114,12 @@ def sharded_search(
     owner = rows[:, 2] % n_shards
     wanted = {s: owner == s for s in range(n_shards) if bool((owner == s).any())}
     gathered = call("gather", {s: (bank_keys, rows[mask]) for s, mask in wanted.items()})
-    shape = (rows.shape[0], spec.chunk_size, spec.head_dim)
-    keys = torch.empty(shape, dtype=spec.torch_dtype)
-    values = torch.empty(shape, dtype=spec.torch_dtype)
-    for s, mask in wanted.items():
-        keys[mask], values[mask] = gathered[s]
+    if len(wanted) == 1:  # one shard holds every winner: its answer is the table
+        keys, values = gathered[next(iter(wanted))]
+    else:
+        shape = (rows.shape[0], spec.chunk_size, spec.head_dim)
+        keys = torch.empty(shape, dtype=spec.torch_dtype)
+        values = torch.empty(shape, dtype=spec.torch_dtype)
+        for s, mask in wanted.items():
+            keys[mask], values[mask] = gathered[s]
     return CompactResult(scores, ids, slots, keys, values)

@@ -47,12 +47,25 @@ def spec_from_wire(s: pb.BankSpec) -> BankSpec:
 def info_to_wire(d: dict) -> pb.BankInfo:
     s = d["spec"]
     spec = pb.BankSpec(
-        kv_heads=s["kv_heads"], head_dim=s["head_dim"], chunk_size=s["chunk_size"],
-        capacity_tokens=s["capacity_tokens"], dtype=WIRE_OF[DTYPES[s["dtype"]]],
-        index=s["index"], eviction=s["eviction"],
+        kv_heads=s["kv_heads"],
+        head_dim=s["head_dim"],
+        chunk_size=s["chunk_size"],
+        capacity_tokens=s["capacity_tokens"],
+        dtype=WIRE_OF[DTYPES[s["dtype"]]],
+        index=s["index"],
+        eviction=s["eviction"],
     )
-    fields = ("name", "size_tokens", "chunks", "pending_tokens", "appended_chunks",
-              "evicted_chunks", "shards", "bytes", "created_at")
+    fields = (
+        "name",
+        "size_tokens",
+        "chunks",
+        "pending_tokens",
+        "appended_chunks",
+        "evicted_chunks",
+        "shards",
+        "bytes",
+        "created_at",
+    )
     return pb.BankInfo(spec=spec, **{f: d[f] for f in fields})
 
 
@@ -103,24 +116,36 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
     def CreateBank(self, request, context):
-        return self._run(context, True, lambda t: info_to_wire(
-            self.engine.create_bank(t, request.name, spec_from_wire(request.spec))))
+        return self._run(
+            context,
+            True,
+            lambda t: info_to_wire(
+                self.engine.create_bank(t, request.name, spec_from_wire(request.spec))
+            ),
+        )
 
     def DeleteBank(self, request, context):
         self._run(context, True, lambda t: self.engine.delete_bank(t, request.name))
         return pb.DeleteBankResponse()
 
     def ResetBank(self, request, context):
-        return self._run(context, True, lambda t: info_to_wire(
-            self.engine.reset_bank(t, request.name)))
+        return self._run(
+            context, True, lambda t: info_to_wire(self.engine.reset_bank(t, request.name))
+        )
 
     def ListBanks(self, request, context):
-        return self._run(context, False, lambda t: pb.ListBanksResponse(
-            banks=[info_to_wire(d) for d in self.engine.list_banks(t)]))
+        return self._run(
+            context,
+            False,
+            lambda t: pb.ListBanksResponse(
+                banks=[info_to_wire(d) for d in self.engine.list_banks(t)]
+            ),
+        )
 
     def DescribeBank(self, request, context):
-        return self._run(context, False, lambda t: info_to_wire(
-            self.engine.describe_bank(t, request.name)))
+        return self._run(
+            context, False, lambda t: info_to_wire(self.engine.describe_bank(t, request.name))
+        )
 
     def Append(self, request, context):
         def append(tenant: Tenant) -> pb.AppendResponse:
@@ -160,8 +185,11 @@ def start_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     bound = server.add_insecure_port(f"{host}:{port}")

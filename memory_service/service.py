@@ -37,8 +37,12 @@ def start_service(
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")
+        ray.init(
+            address=ray_address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
     engine = RayEngine(shards, gpus_per_shard)
     try:
         server, address = start_server(

@@ -63,7 +63,8 @@ class Shard:
 
         Returns scores and global chunk ids, each `(B, n, Hq, top_k)`, on the CPU.
         """
-        parts = [self._store(key).search(q, top_k) for key, q in zip(bank_keys, queries)]
+        stores = [self._store(key) for key in bank_keys]
+        parts = [store.search(q, top_k) for store, q in zip(stores, queries, strict=True)]
         scores = torch.stack([s for s, _ in parts]).cpu()
         ids = torch.stack([i for _, i in parts]).cpu()
         return scores, ids
@@ -71,11 +72,15 @@ class Shard:
     def gather(self, bank_keys: list[str], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `(U, csz, D)` for rows `(U, 3)` of (bank index, kv head, chunk id)."""
         stores = [self._store(key) for key in bank_keys]
+        banks = rows[:, 0].unique().tolist()
+        if len(banks) == 1:
+            k, v = stores[banks[0]].gather(rows[:, 1], rows[:, 2])
+            return k.cpu(), v.cpu()
         spec = stores[0].spec
         shape = (rows.shape[0], spec.chunk_size, spec.head_dim)
         keys = torch.empty(shape, dtype=spec.torch_dtype)
         values = torch.empty(shape, dtype=spec.torch_dtype)
-        for b in rows[:, 0].unique().tolist():
+        for b in banks:
             sel = rows[:, 0] == b
             k, v = stores[b].gather(rows[sel, 1], rows[sel, 2])
             keys[sel], values[sel] = k.cpu(), v.cpu()

@@ -43,8 +43,9 @@ def kv(T: int, H: int, D: int, seed: int = 0):
 )
 def test_exact_search_equals_brute_force(H, Hq, D, csz, dtype, shards):
     client = InProcessClient(n_shards=shards)
-    client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=csz, capacity_tokens=1 << 16,
-                       dtype=dtype)
+    client.create_bank(
+        "b", kv_heads=H, head_dim=D, chunk_size=csz, capacity_tokens=1 << 16, dtype=dtype
+    )
     keys, values = kv(csz * 300, H, D)
     for part in torch.split(torch.arange(keys.shape[0]), 173):  # several appends
         client.append("b", keys[part], values[part])
@@ -72,8 +73,11 @@ def test_one_and_three_shards_identical():
         client.create_bank("b", kv_heads=3, head_dim=64, capacity_tokens=2048)
         keys, values = kv(3001, 3, 64, seed=1)  # wraps the capacity: eviction on every shard
         client.append("b", keys, values)
-        results.append(client.search(["b"], torch.randn(1, 20, 9, 64,
-                                     generator=torch.Generator().manual_seed(2)), 16))
+        results.append(
+            client.search(
+                ["b"], torch.randn(1, 20, 9, 64, generator=torch.Generator().manual_seed(2)), 16
+            )
+        )
     a, b = results
     assert torch.equal(a.chunk_ids, b.chunk_ids)
     assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

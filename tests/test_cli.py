@@ -22,10 +22,21 @@ def test_serve_prints_address_and_stops_cleanly(tmp_path, sig):
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text("tenants:\n  - name: team\n    api_keys: [team-key]\n")
     env = os.environ | {"RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "memory_service.cli", "serve", "--port", "0", "--shards", "2",
-           "--tenants", str(tenants)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "memory_service.cli",
+        "serve",
+        "--port",
+        "0",
+        "--shards",
+        "2",
+        "--tenants",
+        str(tenants),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         deadline = time.monotonic() + 120
         address = None
@@ -36,7 +47,9 @@ def test_serve_prints_address_and_stops_cleanly(tmp_path, sig):
             address = m and m.group(1)
         assert address, "serve did not print its address within 120 s"
         channel = grpc.insecure_channel(address)
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         client = MemoryClient(address, "team-key")
         client.create_bank("b", kv_heads=1, head_dim=8)
@@ -57,8 +70,12 @@ def test_serve_prints_address_and_stops_cleanly(tmp_path, sig):
 def test_serve_refuses_a_bad_tenant_file(tmp_path):
     bad = tmp_path / "tenants.yaml"
     bad.write_text("tenants: nope\n")
-    proc = subprocess.run([sys.executable, "-m", "memory_service.cli", "serve", "--tenants",
-                           str(bad)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memory_service.cli", "serve", "--tenants", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "needs a top-level 'tenants' list" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -17,8 +17,17 @@ def test_committed_stubs_match_the_protos(tmp_path):
     for p in protos:
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / p, tmp_path / p)
-    cmd = [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.",
-           "--pyi_out=.", "--grpc_python_out=.", *map(str, protos)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        "-I",
+        ".",
+        "--python_out=.",
+        "--pyi_out=.",
+        "--grpc_python_out=.",
+        *map(str, protos),
+    ]
     subprocess.run(cmd, cwd=tmp_path, check=True)
     generated = sorted((tmp_path / PROTO_DIR).glob("*_pb2*.py*"))
     assert len(generated) == 3 * len(protos)
@@ -26,5 +35,5 @@ def test_committed_stubs_match_the_protos(tmp_path):
         committed = ROOT / PROTO_DIR / fresh.name
         assert committed.exists(), f"{committed} is missing: run `make protos`"
         assert committed.read_text() == fresh.read_text(), (
-            f"{committed.name} does not match {fresh.name} generated from the .proto: run `make protos`"
+            f"{committed.name} differs from what the .proto generates: run `make protos`"
         )

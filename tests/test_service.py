@@ -16,11 +16,13 @@ from memory_service.service import start_service
 from memory_service.tenancy import Tenant, TenantTable
 
 ALICE, BOB, READER = "alice-key", "bob-key", "reader-key"
-TENANTS = TenantTable([
-    Tenant("alice", (ALICE,)),
-    Tenant("bob", (BOB,), max_banks=3, max_tokens=1 << 20),
-    Tenant("reader", (READER,), read_only=True),
-])
+TENANTS = TenantTable(
+    [
+        Tenant("alice", (ALICE,)),
+        Tenant("bob", (BOB,), max_banks=3, max_tokens=1 << 20),
+        Tenant("reader", (READER,), read_only=True),
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,11 @@ def test_round_trip_equals_in_process(services):
     queries = torch.randn(2, 33, 9, 64)
     for c in (local, remote):
         c.create_bank("rt2", kv_heads=3, head_dim=64)
-        c.append("rt2", torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(5)),
-                 torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(6)))
+        c.append(
+            "rt2",
+            torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(5)),
+            torch.randn(50, 3, 64, generator=torch.Generator().manual_seed(6)),
+        )
     a = local.search(["rt", "rt2"], queries, top_k=16)
     b = remote.search(["rt", "rt2"], queries, top_k=16)
     assert_same(a, b)
@@ -103,8 +108,10 @@ def test_large_answer_streams_in_parts(services):
 def test_search_stream_reassembles_across_many_parts():
     U, csz, D = 37, 4, 8
     result = CompactResult(
-        scores=torch.randn(1, 2, 3, 5), chunk_ids=torch.randint(0, 9, (1, 2, 3, 5)),
-        slots=torch.randint(0, U, (1, 2, 3, 5)), table_keys=torch.randn(U, csz, D).half(),
+        scores=torch.randn(1, 2, 3, 5),
+        chunk_ids=torch.randint(0, 9, (1, 2, 3, 5)),
+        slots=torch.randint(0, U, (1, 2, 3, 5)),
+        table_keys=torch.randn(U, csz, D).half(),
         table_values=torch.randn(U, csz, D).half(),
     )
     messages = list(search_messages(result, part_bytes=300))  # 2 rows per part
@@ -147,7 +154,10 @@ def test_health_and_reflection(services):
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     request = reflection_pb2.ServerReflectionRequest(list_services="")
-    names = {s.name for r in stub.ServerReflectionInfo(iter([request]), timeout=10)
-             for s in r.list_services_response.service}
+    names = {
+        s.name
+        for r in stub.ServerReflectionInfo(iter([request]), timeout=10)
+        for s in r.list_services_response.service
+    }
     assert {"longmem.v1.MemoryService", "grpc.health.v1.Health"} <= names
     channel.close()

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (one bad input per line reads best as a table)
 """Bad input over gRPC: the right status, a message that says what was wrong, the bank as
 before, and the server still serving."""
 
