@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/longmem demo
+	$(VENV)/bin/longmem memory-demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -98,12 +98,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="longmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run the memory service (gRPC over Ray actors)")
     serve.add_argument("--shards", type=int, default=1, help="shard actors (default 1)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
@@ -128,16 +123,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.set_defaults(run=cmd_serve)
 
-    demo = sub.add_parser("demo", help="start an embedded service and run a client session")
+
+def add_memory_demo_parser(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser(
+        "memory-demo", help="start an embedded service and run a short client session"
+    )
     demo.add_argument("--shards", type=int, default=2)
     demo.set_defaults(run=cmd_demo)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The memory service's commands (`longmem serve`, `longmem memory-demo`)."""
+    parser = argparse.ArgumentParser(
+        prog="longmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    add_memory_demo_parser(sub)
+    return parser
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse and run a command; a refused request ends with one line, not a traceback."""
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except (ServiceError, ValueError, OSError) as e:
         print(f"longmem {args.command}: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
