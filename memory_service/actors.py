@@ -3,86 +3,177 @@
 `RayEngine` gives the server the same methods as `engine.LocalEngine`: catalog calls go to
 the coordinator actor; a search resolves its banks there, then talks to the shards
 directly (every shard searches, the engine merges and gathers: `search.sharded_search`).
+
+Placement: the shards are one Ray placement group, one bundle each, spread over the nodes
+(`placement="spread"`, soft: several shards share a node when there are fewer nodes) or
+packed. A bundle asks for `gpus_per_shard` GPUs when the cluster has them, and a nominal
+amount of memory otherwise (it needs no CPU: searches are matrix products that use the
+node's cores anyway, and leaving CPUs unclaimed keeps them for training workers).
+
+Restarts: shard and coordinator actors restart without limit when their process or node
+dies. A restarted shard reloads its banks from its last snapshot in `snapshot_dir`; the
+restarted coordinator reloads the catalog (saved on every change). Calls to an actor that
+is down fail with `errors.Unavailable` naming it.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from memory_service.bank import BankSpec
 from memory_service.catalog import Catalog
 from memory_service.engine import check_search
-from memory_service.errors import ServiceError, Unavailable
+from memory_service.errors import InvalidArgument, ServiceError, Unavailable
 from memory_service.search import CompactResult, sharded_search
 from memory_service.shard import Shard
 from memory_service.tenancy import Tenant
 
+log = logging.getLogger("longmem.actors")
 
-def get_all(refs: dict[int, ray.ObjectRef], what: str) -> dict[int, object]:
-    """ray.get each ref; a ServiceError raised in an actor is re-raised as itself."""
+SHARD_MEMORY = 64 << 20  # nominal bundle size when shards take no GPU
+CALL_TIMEOUT_S = 120.0  # a shard slower than this counts as unavailable
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def get_all(refs: dict[int, ray.ObjectRef], what: str, partial: bool = False) -> dict[int, object]:
+    """ray.get each ref. A ServiceError raised in an actor is re-raised as itself; an actor
+    that is down raises Unavailable, or with `partial` is left out of the answer."""
     out = {}
     for s, ref in refs.items():
         try:
-            out[s] = ray.get(ref)
+            out[s] = ray.get(ref, timeout=CALL_TIMEOUT_S)
         except RayTaskError as e:
             if isinstance(e.cause, ServiceError):
                 raise e.cause from None
             raise
-        except RayActorError:
-            raise Unavailable(f"{what} {s} is unavailable") from None
+        except (RayActorError, GetTimeoutError):
+            if not partial:
+                raise Unavailable(
+                    f"{what} {s} is unavailable (restarting, or its node is gone); retry shortly"
+                ) from None
     return out
+
+
+def call_shards(shards: list):
+    """A `search.ShardCall` over shard actor handles."""
+
+    def call(method: str, args: dict[int, tuple], partial: bool = False) -> dict[int, object]:
+        refs = {s: getattr(shards[s], method).remote(*a) for s, a in args.items()}
+        return get_all(refs, "shard", partial)
+
+    return call
 
 
 @ray.remote
 class ShardActor(Shard):
-    """A `Shard` in its own process; on a GPU when Ray gave it one."""
+    """A `Shard` in its own process, on a GPU when Ray gave it one; restores its snapshot."""
 
-    def __init__(self, index: int, n_shards: int):
+    def __init__(self, index: int, n_shards: int, snapshot_dir: str | None):
         super().__init__(index, n_shards, "cuda" if torch.cuda.is_available() else "cpu")
+        self.restored = bool(snapshot_dir) and self.load_snapshot(snapshot_dir)
 
-    def device_name(self) -> str:
-        return self.device
-
-
-def call_shards(shards: list) -> callable:
-    def call(method: str, args: dict[int, tuple]) -> dict[int, object]:
-        refs = {s: getattr(shards[s], method).remote(*a) for s, a in args.items()}
-        return get_all(refs, "shard")
-
-    return call
+    def info(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "index": self.index,
+            "node_id": ctx.get_node_id(),
+            "node_address": ray.util.get_node_ip_address(),
+            "device": self.device,
+            "banks": len(self.stores),
+            "restored_from_snapshot": self.restored,
+        }
 
 
 @ray.remote
 class CoordinatorActor(Catalog):
     """The catalog in its own process: bank metadata, stream positions, the shard map."""
 
-    def __init__(self, shards: list):
-        super().__init__(len(shards), call_shards(shards))
-        self.shards = shards
+    def __init__(self, shards: list, snapshot_dir: str | None):
+        super().__init__(len(shards), call_shards(shards), snapshot_dir)
 
-    def shard_map(self) -> list:
-        return self.shards
+    def shard_map(self) -> list[dict]:
+        """Where each shard runs, or that it is unavailable."""
+        args = {s: () for s in range(self.n_shards)}
+        found = self.call("info", args, partial=True)
+        return [found.get(s, {"index": s, "unavailable": True}) for s in range(self.n_shards)]
 
 
 class RayEngine:
     """The memory service on Ray: `n_shards` shard actors and one coordinator actor."""
 
-    def __init__(self, n_shards: int, gpus_per_shard: float | None = None):
+    def __init__(
+        self,
+        n_shards: int,
+        gpus_per_shard: float | None = None,
+        placement: str = "spread",
+        snapshot_dir: str | None = None,
+        allow_partial: bool = False,
+        snapshot_every_s: float = 0.0,
+    ):
+        if placement not in ("spread", "pack"):
+            raise InvalidArgument(f"placement must be 'spread' or 'pack', got {placement!r}")
         if gpus_per_shard is None:
             gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
-        self.n_shards = n_shards
+        self.n_shards, self.allow_partial, self.snapshot_dir = n_shards, allow_partial, snapshot_dir
+        bundle = {"GPU": gpus_per_shard} if gpus_per_shard else {"memory": SHARD_MEMORY}
+        self.placement_group = placement_group([bundle] * n_shards, strategy=placement.upper())
+        try:
+            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise InvalidArgument(
+                f"cannot place {n_shards} shards with {bundle} each on this cluster "
+                f"({ray.cluster_resources()}); lower --shards or --gpus-per-shard"
+            ) from None
         self.shards = [
-            ShardActor.options(num_cpus=0, num_gpus=gpus_per_shard).remote(i, n_shards)
+            ShardActor.options(
+                num_cpus=0,
+                num_gpus=gpus_per_shard,
+                memory=None if gpus_per_shard else SHARD_MEMORY,
+                max_restarts=-1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+            ).remote(i, n_shards, snapshot_dir)
             for i in range(n_shards)
         ]
-        self.coordinator = CoordinatorActor.options(num_cpus=0).remote(self.shards)
+        here = ray.get_runtime_context().get_node_id()  # the coordinator stays with the server
+        self.coordinator = CoordinatorActor.options(
+            num_cpus=0,
+            max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        ).remote(self.shards, snapshot_dir)
         self._call = call_shards(self.shards)
-        self.devices = [d for d in ray.get([s.device_name.remote() for s in self.shards])]
+        self.devices = [d["device"] for d in self.shard_map()]
+        self._stop = threading.Event()
+        if snapshot_dir and snapshot_every_s > 0:
+            threading.Thread(
+                target=self._snapshot_loop, args=(snapshot_every_s,), daemon=True
+            ).start()
 
     def _coordinator(self, method: str, *args):
         return get_all({0: getattr(self.coordinator, method).remote(*args)}, "coordinator")[0]
+
+    def _snapshot_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.snapshot()
+            except ServiceError as e:
+                log.warning("periodic snapshot failed: %s", e.message)
+
+    def shard_map(self) -> list[dict]:
+        return self._coordinator("shard_map")
+
+    def snapshot(self) -> list[dict]:
+        return self._coordinator("snapshot")
 
     def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict:
         return self._coordinator("create_bank", tenant, name, spec)
@@ -105,10 +196,20 @@ class RayEngine:
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
     ) -> CompactResult:
-        bank_keys, spec = self._coordinator("resolve", tenant, names)
+        bank_keys, oldest, spec = self._coordinator("resolve", tenant, names)
         check_search(names, queries, spec, top_k)
-        return sharded_search(self._call, self.n_shards, bank_keys, spec, queries, top_k)
+        return sharded_search(
+            self._call, self.n_shards, bank_keys, oldest, spec, queries, top_k, self.allow_partial
+        )
 
     def shutdown(self) -> None:
+        """Stop the actors, saving a last snapshot first when there is a snapshot dir."""
+        self._stop.set()
+        if self.snapshot_dir:
+            try:
+                self.snapshot()
+            except ServiceError as e:
+                log.warning("final snapshot failed: %s", e.message)
         for actor in [self.coordinator, *self.shards]:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)

@@ -151,6 +151,25 @@ class Chunker:
         self.pending_keys = torch.empty(shape, dtype=self.spec.torch_dtype)
         self.pending_values = torch.empty(shape, dtype=self.spec.torch_dtype)
 
+    def state(self) -> dict:
+        return {
+            "next_chunk_id": self.next_chunk_id,
+            "pending_keys": self.pending_keys,
+            "pending_values": self.pending_values,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.next_chunk_id = state["next_chunk_id"]
+        self.pending_keys, self.pending_values = state["pending_keys"], state["pending_values"]
+
+    def expected_chunks(self, shard: int, n_shards: int) -> int:
+        """Live chunks that shard `shard` of `n_shards` should hold (ids g % n_shards == shard)."""
+
+        def below(x: int) -> int:  # ids in [0, x) on this shard
+            return max(0, (x - shard + n_shards - 1) // n_shards)
+
+        return below(self.next_chunk_id) - below(self.oldest_live_id)
+
     @property
     def pending_tokens(self) -> int:
         return self.pending_keys.shape[0]
@@ -206,6 +225,31 @@ class ChunkStore:
     def allocated(self) -> int:
         return self.ids.shape[0]
 
+    def evict_below(self, oldest_live_id: int) -> None:
+        """Drop chunks older than the id (the catalog's FIFO mark; it only moves forward)."""
+        self.oldest_live_id = max(self.oldest_live_id, oldest_live_id)
+
+    def state(self) -> dict:
+        """Everything needed to rebuild this store (for snapshots), on the CPU."""
+        tensors = {k: getattr(self, k)[:, : self.used].cpu() for k in ("keys", "values", "means")}
+        return {
+            "spec": self.spec.to_dict(),
+            "shard": self.shard,
+            "n_shards": self.n_shards,
+            "ids": self.ids[: self.used].cpu(),
+            "used": self.used,
+            "oldest_live_id": self.oldest_live_id,
+            **tensors,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: str = "cpu") -> ChunkStore:
+        store = cls(BankSpec(**state["spec"]), state["shard"], state["n_shards"], device)
+        store.keys, store.values = state["keys"].to(device), state["values"].to(device)
+        store.means, store.ids = state["means"].to(device), state["ids"].to(device)
+        store.used, store.oldest_live_id = state["used"], state["oldest_live_id"]
+        return store
+
     @property
     def live(self) -> torch.Tensor:
         """(S,) bool: slots holding a chunk that eviction has not dropped."""
@@ -238,7 +282,7 @@ class ChunkStore:
             raise InvalidArgument(f"chunks sent to shard {self.shard} belong to another shard")
         keep = ids >= oldest_live_id  # an append larger than the bank keeps only its tail
         ids, keys, values = ids[keep], keys[keep], values[keep]
-        self.oldest_live_id = oldest_live_id
+        self.evict_below(oldest_live_id)
         if ids.numel() == 0:
             return
         slots = (ids // self.n_shards) % self.slots

@@ -3,58 +3,144 @@
 Plain Python. The coordinator actor runs one Catalog; the in-process client holds one too.
 The catalog owns each bank's `Chunker` (the stream position and the trailing partial
 chunk) and deals completed chunks to the shards through `call` (see `search.ShardCall`).
-A bank's internal key is `tenant/name`: a tenant only ever names its own banks, so it can
-neither reach nor learn of another tenant's.
+
+A tenant only ever names its own banks (`tenant/name`), so it can neither reach nor learn
+of another tenant's. On the shards a bank is stored under `tenant/name@generation`; a new
+generation on every create and reset means chunks a shard kept from before (say, restored
+from a snapshot) can never reappear in a newer bank of the same name.
+
+With `snapshot_dir` the catalog is written there after every change and read back when
+the catalog starts again (a restarted coordinator resumes every stream where it was).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from memory_service.bank import BankSpec, Chunker, check_kv
-from memory_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from memory_service.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from memory_service.search import ShardCall
 from memory_service.shard import split_chunks
 from memory_service.tenancy import Tenant
 
+log = logging.getLogger("longmem.catalog")
+
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+CATALOG_FILE = "catalog.pt"
 
 
 @dataclass
 class BankEntry:
+    tenant: str
     name: str
-    key: str
     spec: BankSpec
     chunker: Chunker
+    generation: int
     created_at: float
+
+    @property
+    def key(self) -> str:
+        """The bank's key on the shards."""
+        return f"{self.tenant}/{self.name}@{self.generation}"
 
 
 class Catalog:
-    def __init__(self, n_shards: int, call: ShardCall):
+    def __init__(self, n_shards: int, call: ShardCall, snapshot_dir: str | None = None):
         self.n_shards = n_shards
         self.call = call
-        self.banks: dict[str, BankEntry] = {}  # internal key -> entry
+        self.snapshot_dir = snapshot_dir
+        self.banks: dict[tuple[str, str], BankEntry] = {}  # (tenant, name) -> entry
+        self.generation = 0
+        if snapshot_dir:
+            self._load()
 
-    def _all_shards(self, method: str, *args) -> dict[int, object]:
-        return self.call(method, {s: args for s in range(self.n_shards)})
+    # --- persistence -----------------------------------------------------------------
+
+    def _save(self) -> None:
+        if not self.snapshot_dir:
+            return
+        state = {
+            "n_shards": self.n_shards,
+            "generation": self.generation,
+            "banks": [
+                {
+                    "tenant": e.tenant,
+                    "name": e.name,
+                    "spec": e.spec.to_dict(),
+                    "generation": e.generation,
+                    "created_at": e.created_at,
+                    "chunker": e.chunker.state(),
+                }
+                for e in self.banks.values()
+            ],
+        }
+        path = Path(self.snapshot_dir) / CATALOG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _load(self) -> None:
+        path = Path(self.snapshot_dir) / CATALOG_FILE
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=True)
+        if state["n_shards"] != self.n_shards:
+            raise InvalidArgument(
+                f"snapshot {path} is for {state['n_shards']} shards, not {self.n_shards}"
+            )
+        self.generation = state["generation"]
+        for b in state["banks"]:
+            spec = BankSpec(**b["spec"])
+            chunker = Chunker(spec)
+            chunker.load_state(b["chunker"])
+            entry = BankEntry(
+                b["tenant"], b["name"], spec, chunker, b["generation"], b["created_at"]
+            )
+            self.banks[(entry.tenant, entry.name)] = entry
+        log.info("catalog restored from %s: %d banks", path, len(self.banks))
+
+    # --- banks ---------------------------------------------------------------------------
 
     def _entry(self, tenant: Tenant, name: str) -> BankEntry:
-        entry = self.banks.get(f"{tenant.name}/{name}")
+        entry = self.banks.get((tenant.name, name))
         if entry is None:
             raise NotFound(f"bank {name!r} not found")
         return entry
 
+    def _next_generation(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    def _drop_everywhere(self, key: str) -> None:
+        """Drop a bank's chunks on every shard that answers (a down shard's copy is
+        unreachable anyway: its generation is never used again)."""
+        args = {s: (key,) for s in range(self.n_shards)}
+        self.call("drop_bank", args, partial=True)
+
     def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict:
         if not isinstance(name, str) or not BANK_NAME.match(name):
             raise InvalidArgument(f"bank name {name!r} must match {BANK_NAME.pattern}")
-        key = f"{tenant.name}/{name}"
-        if key in self.banks:
+        if (tenant.name, name) in self.banks:
             raise AlreadyExists(f"bank {name!r} already exists")
-        own = [e for e in self.banks.values() if e.key.startswith(f"{tenant.name}/")]
+        own = [e for e in self.banks.values() if e.tenant == tenant.name]
         if tenant.max_banks is not None and len(own) >= tenant.max_banks:
             raise ResourceExhausted(
                 f"tenant {tenant.name!r} is at its quota of {tenant.max_banks} banks"
@@ -62,36 +148,44 @@ class Catalog:
         used = sum(e.spec.capacity_tokens for e in own)
         if tenant.max_tokens is not None and used + spec.capacity_tokens > tenant.max_tokens:
             raise ResourceExhausted(
-                f"bank capacity {spec.capacity_tokens} would exceed tenant {tenant.name!r}'s quota "
-                f"of {tenant.max_tokens} tokens ({used} in use)"
+                f"bank capacity {spec.capacity_tokens} would exceed tenant {tenant.name!r}'s "
+                f"quota of {tenant.max_tokens} tokens ({used} in use)"
             )
-        self._all_shards("create_bank", key, spec)
-        self.banks[key] = BankEntry(name, key, spec, Chunker(spec), time.time())
+        entry = BankEntry(
+            tenant.name, name, spec, Chunker(spec), self._next_generation(), time.time()
+        )
+        self.banks[(tenant.name, name)] = entry
+        self._save()
         return self.describe_bank(tenant, name)
 
     def delete_bank(self, tenant: Tenant, name: str) -> None:
         entry = self._entry(tenant, name)
-        self._all_shards("drop_bank", entry.key)
-        del self.banks[entry.key]
+        del self.banks[(tenant.name, name)]
+        self._save()
+        self._drop_everywhere(entry.key)
 
     def reset_bank(self, tenant: Tenant, name: str) -> dict:
         entry = self._entry(tenant, name)
-        self._all_shards("reset_bank", entry.key)
+        old_key = entry.key
+        entry.generation = self._next_generation()
         entry.chunker.reset()
+        self._save()
+        self._drop_everywhere(old_key)
         return self.describe_bank(tenant, name)
 
     def list_banks(self, tenant: Tenant) -> list[dict]:
-        prefix = f"{tenant.name}/"
-        return [
-            self.describe_bank(tenant, e.name)
-            for k, e in sorted(self.banks.items())
-            if k.startswith(prefix)
-        ]
+        names = sorted(name for t, name in self.banks if t == tenant.name)
+        return [self.describe_bank(tenant, name) for name in names]
 
     def describe_bank(self, tenant: Tenant, name: str) -> dict:
+        """Size and state of a bank. `lost_chunks`: chunks the bank should hold (appended,
+        not evicted) that a shard no longer has, because it restarted from an older snapshot
+        or was down when they were appended; they are never served."""
         entry = self._entry(tenant, name)
-        per_shard = self._all_shards("describe", entry.key)
+        oldest = entry.chunker.oldest_live_id
+        per_shard = self.call("describe", {s: (entry.key, oldest) for s in range(self.n_shards)})
         chunks = sum(d["chunks"] for d in per_shard.values())
+        expected = sum(entry.chunker.expected_chunks(s, self.n_shards) for s in per_shard)
         return {
             "name": entry.name,
             "spec": entry.spec.to_dict(),
@@ -99,29 +193,44 @@ class Catalog:
             "size_tokens": chunks * entry.spec.chunk_size,
             "pending_tokens": entry.chunker.pending_tokens,
             "appended_chunks": entry.chunker.next_chunk_id,
-            "evicted_chunks": entry.chunker.oldest_live_id,
+            "evicted_chunks": oldest,
+            "lost_chunks": expected - chunks,
             "shards": self.n_shards,
             "bytes": sum(d["bytes"] for d in per_shard.values()),
             "created_at": entry.created_at,
         }
 
     def append(self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor) -> dict:
-        """Append tokens `(n, kv_heads, head_dim)` in stream order to a bank."""
+        """Append tokens `(n, kv_heads, head_dim)` in stream order to a bank.
+
+        The stream position is saved before the chunks go out, so a chunk a shard did not
+        take (it was down) shows as lost, never as present.
+        """
         entry = self._entry(tenant, name)
         check_kv(entry.spec, keys, values)
         first_id, k, v = entry.chunker.push(keys, values)
-        if k.shape[0]:
-            oldest = entry.chunker.oldest_live_id
-            parts = split_chunks(first_id, k, v, self.n_shards)
-            self.call("add", {s: (entry.key, *part, oldest) for s, part in enumerate(parts)})
+        self._save()
+        oldest = entry.chunker.oldest_live_id
+        parts = split_chunks(first_id, k, v, self.n_shards)
+        args = {s: (entry.key, entry.spec, *p, oldest) for s, p in enumerate(parts) if len(p[0])}
+        taken = self.call("add", args, partial=True)
+        lost = sum(len(parts[s][0]) for s in args if s not in taken)
+        if lost:
+            log.warning(
+                "%d chunks of bank %r lost: shards %s unavailable",
+                lost,
+                name,
+                sorted(set(args) - set(taken)),
+            )
         return {
             "appended_tokens": keys.shape[0],
             "pending_tokens": entry.chunker.pending_tokens,
             "appended_chunks": entry.chunker.next_chunk_id,
+            "lost_chunks": lost,
         }
 
-    def resolve(self, tenant: Tenant, names: list[str]) -> tuple[list[str], BankSpec]:
-        """Internal keys of the named banks and their common spec (for a search)."""
+    def resolve(self, tenant: Tenant, names: list[str]) -> tuple[list[str], list[int], BankSpec]:
+        """For a search: the banks' shard keys, FIFO marks and common spec."""
         if not names:
             raise InvalidArgument("name at least one bank to search")
         entries = [self._entry(tenant, n) for n in names]
@@ -137,4 +246,12 @@ class Catalog:
                     f"banks {names[0]!r} and {e.name!r} differ in heads, head dim, chunk size or "
                     "dtype; one search can only serve banks of one shape"
                 )
-        return [e.key for e in entries], spec
+        return [e.key for e in entries], [e.chunker.oldest_live_id for e in entries], spec
+
+    def snapshot(self) -> list[dict]:
+        """Save the catalog and every shard's banks to `snapshot_dir`."""
+        if not self.snapshot_dir:
+            raise InvalidArgument("the service runs without --snapshot-dir; nothing to save to")
+        self._save()
+        args = {s: (self.snapshot_dir,) for s in range(self.n_shards)}
+        return list(self.call("save_snapshot", args).values())

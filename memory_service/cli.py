@@ -31,6 +31,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray_address=args.address,
         gpus_per_shard=args.gpus_per_shard,
         max_message_bytes=args.max_message_mb << 20,
+        placement=args.placement,
+        snapshot_dir=args.snapshot_dir,
+        snapshot_every_s=args.snapshot_every,
+        allow_partial=args.allow_partial,
     )
     devices = ", ".join(service.engine.devices)
     print(
@@ -120,6 +124,30 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=MAX_MESSAGE_BYTES >> 20,
         help="largest accepted request in MiB (default 64)",
+    )
+    serve.add_argument(
+        "--placement",
+        choices=("spread", "pack"),
+        default="spread",
+        help="spread shards over nodes (default) or pack them onto few",
+    )
+    serve.add_argument(
+        "--snapshot-dir",
+        default=None,
+        help="durable path every node can reach; restarted shards reload from it",
+    )
+    serve.add_argument(
+        "--snapshot-every",
+        type=float,
+        default=300.0,
+        help="seconds between automatic snapshots with --snapshot-dir (0: only on demand "
+        "and at shutdown; default 300)",
+    )
+    serve.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="while a shard is down, answer searches from the others (marked partial) "
+        "instead of failing with UNAVAILABLE",
     )
     serve.set_defaults(run=cmd_serve)
 

@@ -11,6 +11,7 @@ by both, so callers handle one family of errors whichever client they hold.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -81,6 +82,7 @@ def info_dict(info: pb.BankInfo) -> dict:
         "pending_tokens": info.pending_tokens,
         "appended_chunks": info.appended_chunks,
         "evicted_chunks": info.evicted_chunks,
+        "lost_chunks": info.lost_chunks,
         "shards": info.shards,
         "bytes": info.bytes,
         "created_at": info.created_at,
@@ -97,21 +99,40 @@ def _raise_as_service_error(e: grpc.RpcError) -> None:
 class MemoryClient:
     """gRPC client of a running memory service at `address` (host:port)."""
 
-    def __init__(self, address: str, api_key: str = DEFAULT_API_KEY, timeout: float = 120.0):
+    def __init__(
+        self,
+        address: str,
+        api_key: str = DEFAULT_API_KEY,
+        timeout: float = 120.0,
+        retries: int = 4,
+        backoff_s: float = 0.25,
+    ):
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         self.address, self.timeout = address, timeout
+        self.retries, self.backoff_s = retries, backoff_s
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.MemoryServiceStub(self.channel)
         self.metadata = (("x-api-key", api_key),)
 
-    def _rpc(self, method: str, request):
-        try:
-            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
-        except grpc.RpcError as e:
-            _raise_as_service_error(e)
+    def _rpc(self, method: str, request, retry: bool = False):
+        """Call `method`. With `retry` (calls that only read), UNAVAILABLE (a shard or the
+        coordinator restarting) is retried with exponential back-off; writes are not
+        retried, since a write the service half-did must not be done twice."""
+        for attempt in range(self.retries + 1):
+            try:
+                answer = getattr(self.stub, method)(
+                    request, metadata=self.metadata, timeout=self.timeout
+                )
+                return read_search_stream(answer) if method == "Search" else answer
+            except grpc.RpcError as e:
+                if not (retry and e.code() == grpc.StatusCode.UNAVAILABLE) or (
+                    attempt == self.retries
+                ):
+                    _raise_as_service_error(e)
+                time.sleep(min(self.backoff_s * 2**attempt, 5.0))
 
     def create_bank(self, name: str, **spec) -> dict:
         s = BankSpec(**spec)
@@ -133,10 +154,11 @@ class MemoryClient:
         return info_dict(self._rpc("ResetBank", pb.BankRef(name=name)))
 
     def list_banks(self) -> list[dict]:
-        return [info_dict(b) for b in self._rpc("ListBanks", pb.ListBanksRequest()).banks]
+        answer = self._rpc("ListBanks", pb.ListBanksRequest(), retry=True)
+        return [info_dict(b) for b in answer.banks]
 
     def describe_bank(self, name: str) -> dict:
-        return info_dict(self._rpc("DescribeBank", pb.BankRef(name=name)))
+        return info_dict(self._rpc("DescribeBank", pb.BankRef(name=name), retry=True))
 
     def append(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> dict:
         """Append `(n_tokens, kv_heads, head_dim)` keys and values in stream order."""
@@ -146,15 +168,32 @@ class MemoryClient:
             "appended_tokens": r.appended_tokens,
             "pending_tokens": r.pending_tokens,
             "appended_chunks": r.appended_chunks,
+            "lost_chunks": r.lost_chunks,
         }
 
     def search(self, names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
         """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`."""
         request = pb.SearchRequest(banks=list(names), queries=encode(queries), top_k=top_k)
-        try:
-            return read_search_stream(self._rpc("Search", request)).expand()
-        except grpc.RpcError as e:
-            _raise_as_service_error(e)
+        return self._rpc("Search", request, retry=True).expand()
+
+    def snapshot(self) -> list[dict]:
+        """Save the service's catalog and shards to its --snapshot-dir now."""
+        answer = self._rpc("Snapshot", pb.SnapshotRequest(), retry=True)
+        return [{"shard": s.shard, "banks": s.banks, "bytes": s.bytes} for s in answer.shards]
+
+    def shard_map(self) -> list[dict]:
+        """Where each shard runs (node, address, device) and whether it is up."""
+        answer = self._rpc("DescribeService", pb.DescribeServiceRequest(), retry=True)
+        fields = (
+            "index",
+            "available",
+            "node_id",
+            "node_address",
+            "device",
+            "banks",
+            "restored_from_snapshot",
+        )
+        return [{f: getattr(s, f) for f in fields} for s in answer.shards]
 
     def close(self) -> None:
         self.channel.close()
@@ -177,4 +216,5 @@ def read_search_stream(stream) -> CompactResult:
         decode(h.slots, "slots").long(),
         keys,
         values,
+        tuple(h.missing_shards),
     )

@@ -32,7 +32,9 @@ class LocalEngine:
         self.shards = [Shard(i, n_shards, device) for i in range(n_shards)]
         self.catalog = Catalog(n_shards, self._call)
 
-    def _call(self, method: str, args: dict[int, tuple]) -> dict[int, object]:
+    def _call(
+        self, method: str, args: dict[int, tuple], partial: bool = False
+    ) -> dict[int, object]:
         return {s: getattr(self.shards[s], method)(*a) for s, a in args.items()}
 
     def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict:
@@ -56,6 +58,6 @@ class LocalEngine:
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
     ) -> CompactResult:
-        bank_keys, spec = self.catalog.resolve(tenant, names)
+        bank_keys, oldest, spec = self.catalog.resolve(tenant, names)
         check_search(names, queries, spec, top_k)
-        return sharded_search(self._call, self.n_shards, bank_keys, spec, queries, top_k)
+        return sharded_search(self._call, self.n_shards, bank_keys, oldest, spec, queries, top_k)

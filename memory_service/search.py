@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from memory_service.bank import BankSpec, merge_topk
+from memory_service.errors import Unavailable
 
-# call(method, {shard: args}) -> {shard: result}
-ShardCall = Callable[[str, dict[int, tuple]], dict[int, object]]
+# call(method, {shard: args}, partial=False) -> {shard: result}. A shard that cannot answer
+# raises errors.Unavailable, or with partial=True is left out of the result.
+ShardCall = Callable[..., dict[int, object]]
 
 _ID_BITS = 40  # chunk ids below 2**40; (bank, kv head) pairs above
 
@@ -41,6 +43,7 @@ class SearchResult:
     scores: torch.Tensor
     chunk_ids: torch.Tensor
     valid: torch.Tensor
+    missing_shards: tuple[int, ...] = ()  # non-empty: a partial result (see allow_partial)
 
     def token_mask(self) -> torch.Tensor:
         """`(B, n, Hq, top_k * chunk_size)` bool: which retrieved tokens are real."""
@@ -57,6 +60,7 @@ class CompactResult:
     slots: torch.Tensor  # (B, n, Hq, k) int64 row of the table, -1 = none
     table_keys: torch.Tensor  # (U, csz, D)
     table_values: torch.Tensor  # (U, csz, D)
+    missing_shards: tuple[int, ...] = ()  # shards that did not answer (a partial result)
 
     def expand(self) -> SearchResult:
         B, n, Hq, k = self.slots.shape
@@ -65,7 +69,14 @@ class CompactResult:
         if U == 0:
             shape = (B, n, Hq, k * csz, D)
             keys = torch.zeros(shape, dtype=self.table_keys.dtype)
-            return SearchResult(keys, torch.zeros_like(keys), self.scores, self.chunk_ids, valid)
+            return SearchResult(
+                keys,
+                torch.zeros_like(keys),
+                self.scores,
+                self.chunk_ids,
+                valid,
+                self.missing_shards,
+            )
         index = self.slots.clamp(min=0).flatten()
         pad = ~valid.flatten()
 
@@ -76,7 +87,12 @@ class CompactResult:
             return out.view(B, n, Hq, k * csz, D)
 
         return SearchResult(
-            unroll(self.table_keys), unroll(self.table_values), self.scores, self.chunk_ids, valid
+            unroll(self.table_keys),
+            unroll(self.table_values),
+            self.scores,
+            self.chunk_ids,
+            valid,
+            self.missing_shards,
         )
 
 
@@ -103,17 +119,28 @@ def sharded_search(
     call: ShardCall,
     n_shards: int,
     bank_keys: list[str],
+    oldest_live_ids: list[int],
     spec: BankSpec,
     queries: torch.Tensor,
     top_k: int,
+    allow_partial: bool = False,
 ) -> CompactResult:
-    """Exact top-k over all shards for queries `(B, n, Hq, D)`, row b in bank `bank_keys[b]`."""
-    local = call("search", {s: (bank_keys, queries, top_k) for s in range(n_shards)})
-    scores, ids = merge_topk([local[s] for s in range(n_shards)], top_k)  # (B, n, Hq, k)
+    """Exact top-k over all shards for queries `(B, n, Hq, D)`, row b in bank `bank_keys[b]`.
+
+    With `allow_partial`, shards that do not answer the search are left out and named in
+    `missing_shards`; otherwise any such shard fails the search with Unavailable.
+    """
+    banks = (bank_keys, oldest_live_ids, spec)
+    args = {s: (*banks, queries, top_k) for s in range(n_shards)}
+    local = call("search", args, partial=allow_partial)
+    missing = tuple(s for s in range(n_shards) if s not in local)
+    if not local:
+        raise Unavailable("no shard answered the search")
+    scores, ids = merge_topk(list(local.values()), top_k)  # (B, n, Hq, k)
     rows, slots = chunk_table(ids, spec.kv_heads)
     owner = rows[:, 2] % n_shards
     wanted = {s: owner == s for s in range(n_shards) if bool((owner == s).any())}
-    gathered = call("gather", {s: (bank_keys, rows[mask]) for s, mask in wanted.items()})
+    gathered = call("gather", {s: (*banks, rows[mask]) for s, mask in wanted.items()})
     if len(wanted) == 1:  # one shard holds every winner: its answer is the table
         keys, values = gathered[next(iter(wanted))]
     else:
@@ -122,4 +149,4 @@ def sharded_search(
         values = torch.empty(shape, dtype=spec.torch_dtype)
         for s, mask in wanted.items():
             keys[mask], values[mask] = gathered[s]
-    return CompactResult(scores, ids, slots, keys, values)
+    return CompactResult(scores, ids, slots, keys, values, missing)

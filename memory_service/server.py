@@ -62,6 +62,7 @@ def info_to_wire(d: dict) -> pb.BankInfo:
         "pending_tokens",
         "appended_chunks",
         "evicted_chunks",
+        "lost_chunks",
         "shards",
         "bytes",
         "created_at",
@@ -80,6 +81,7 @@ def search_messages(result: CompactResult, part_bytes: int) -> Iterator[pb.Searc
         chunk_size=csz,
         head_dim=D,
         dtype=WIRE_OF[result.table_keys.dtype],
+        missing_shards=result.missing_shards,
     )
     row_bytes = 2 * csz * D * result.table_keys.element_size()
     rows = max(1, part_bytes // row_bytes)
@@ -162,6 +164,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             return search_messages(result, SEARCH_PART_BYTES)
 
         yield from self._run(context, False, search)
+
+    def Snapshot(self, request, context):
+        def snapshot(tenant: Tenant) -> pb.SnapshotResponse:
+            return pb.SnapshotResponse(
+                shards=[pb.ShardSnapshot(**d) for d in self.engine.snapshot()]
+            )
+
+        return self._run(context, True, snapshot)
+
+    def DescribeService(self, request, context):
+        def describe(tenant: Tenant) -> pb.ServiceInfo:
+            shards = [
+                pb.ShardInfo(available=not d.pop("unavailable", False), **d)
+                for d in self.engine.shard_map()
+            ]
+            return pb.ServiceInfo(shards=shards)
+
+        return self._run(context, False, describe)
 
 
 def start_server(

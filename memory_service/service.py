@@ -31,9 +31,17 @@ def start_service(
     ray_address: str | None = None,
     gpus_per_shard: float | None = None,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    placement: str = "spread",
+    snapshot_dir: str | None = None,
+    snapshot_every_s: float = 0.0,
+    allow_partial: bool = False,
 ) -> Service:
     """Start shard and coordinator actors (joining `ray_address`, or an embedded local Ray
-    when Ray is not running yet) and a gRPC server on host:port (0: a free port)."""
+    when Ray is not running yet) and a gRPC server on host:port (0: a free port).
+
+    `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
+    (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop).
+    """
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     if not ray.is_initialized():
@@ -43,7 +51,9 @@ def start_service(
             log_to_driver=False,
             logging_level="WARNING",
         )
-    engine = RayEngine(shards, gpus_per_shard)
+    engine = RayEngine(
+        shards, gpus_per_shard, placement, snapshot_dir, allow_partial, snapshot_every_s
+    )
     try:
         server, address = start_server(
             engine, tenants or TenantTable.single(), host, port, max_message_bytes

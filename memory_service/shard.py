@@ -2,14 +2,23 @@
 
 The Ray shard actor (`memory_service.actors.ShardActor`) is this class run in an actor
 process; the in-process client holds instances of it directly.
+
+A shard learns of a bank when its first chunks arrive (`add` carries the spec), so it holds
+no list of banks that could disagree with the catalog. Every call carries the catalog's
+FIFO mark (`oldest_live_id`), so a shard restored from an older snapshot never serves a
+chunk that has since been evicted.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
 
 from memory_service.bank import BankSpec, ChunkStore
-from memory_service.errors import NotFound
+from memory_service.errors import InvalidArgument, NotFound
 
 
 def split_chunks(
@@ -31,52 +40,62 @@ class Shard:
         self.index, self.n_shards, self.device = index, n_shards, device
         self.stores: dict[str, ChunkStore] = {}
 
-    def _store(self, bank_key: str) -> ChunkStore:
-        try:
-            return self.stores[bank_key]
-        except KeyError:
-            raise NotFound(f"shard {self.index} holds no bank {bank_key!r}") from None
-
-    def create_bank(self, bank_key: str, spec: BankSpec) -> None:
-        self.stores[bank_key] = ChunkStore(spec, self.index, self.n_shards, self.device)
+    def _store(self, bank_key: str, oldest_live_id: int) -> ChunkStore | None:
+        store = self.stores.get(bank_key)
+        if store is not None:
+            store.evict_below(oldest_live_id)
+        return store
 
     def drop_bank(self, bank_key: str) -> None:
         self.stores.pop(bank_key, None)
 
-    def reset_bank(self, bank_key: str) -> None:
-        self._store(bank_key).reset()
-
     def add(
         self,
         bank_key: str,
+        spec: BankSpec,
         ids: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         oldest_live_id: int,
     ) -> None:
-        self._store(bank_key).add(ids, keys, values, oldest_live_id)
+        store = self.stores.get(bank_key)
+        if store is None:
+            store = self.stores[bank_key] = ChunkStore(spec, self.index, self.n_shards, self.device)
+        store.add(ids, keys, values, oldest_live_id)
 
     def search(
-        self, bank_keys: list[str], queries: torch.Tensor, top_k: int
+        self,
+        bank_keys: list[str],
+        oldest_live_ids: list[int],
+        spec: BankSpec,
+        queries: torch.Tensor,
+        top_k: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Local top-k for queries `(B, n, Hq, D)`, row b against bank `bank_keys[b]`.
 
         Returns scores and global chunk ids, each `(B, n, Hq, top_k)`, on the CPU.
         """
-        stores = [self._store(key) for key in bank_keys]
-        parts = [store.search(q, top_k) for store, q in zip(stores, queries, strict=True)]
-        scores = torch.stack([s for s, _ in parts]).cpu()
-        ids = torch.stack([i for _, i in parts]).cpu()
+        B, n, Hq, _ = queries.shape
+        scores = torch.full((B, n, Hq, top_k), -torch.inf)
+        ids = torch.full((B, n, Hq, top_k), -1, dtype=torch.int64)
+        for b, (key, oldest) in enumerate(zip(bank_keys, oldest_live_ids, strict=True)):
+            store = self._store(key, oldest)
+            if store is not None:  # no chunks of this bank here yet
+                s, i = store.search(queries[b], top_k)
+                scores[b], ids[b] = s.cpu(), i.cpu()
         return scores, ids
 
-    def gather(self, bank_keys: list[str], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(
+        self, bank_keys: list[str], oldest_live_ids: list[int], spec: BankSpec, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `(U, csz, D)` for rows `(U, 3)` of (bank index, kv head, chunk id)."""
-        stores = [self._store(key) for key in bank_keys]
         banks = rows[:, 0].unique().tolist()
+        stores = {b: self._store(bank_keys[b], oldest_live_ids[b]) for b in banks}
+        if any(s is None for s in stores.values()):
+            raise NotFound(f"shard {self.index} holds none of the requested chunks")
         if len(banks) == 1:
             k, v = stores[banks[0]].gather(rows[:, 1], rows[:, 2])
             return k.cpu(), v.cpu()
-        spec = stores[0].spec
         shape = (rows.shape[0], spec.chunk_size, spec.head_dim)
         keys = torch.empty(shape, dtype=spec.torch_dtype)
         values = torch.empty(shape, dtype=spec.torch_dtype)
@@ -86,6 +105,38 @@ class Shard:
             keys[sel], values[sel] = k.cpu(), v.cpu()
         return keys, values
 
-    def describe(self, bank_key: str) -> dict:
-        store = self._store(bank_key)
+    def describe(self, bank_key: str, oldest_live_id: int) -> dict:
+        store = self._store(bank_key, oldest_live_id)
+        if store is None:
+            return {"chunks": 0, "bytes": 0}
         return {"chunks": store.n_chunks, "bytes": store.nbytes}
+
+    # --- snapshots -----------------------------------------------------------------------
+
+    def snapshot_path(self, directory: str | os.PathLike) -> Path:
+        return Path(directory) / f"shard-{self.index}-of-{self.n_shards}.pt"
+
+    def save_snapshot(self, directory: str | os.PathLike) -> dict:
+        """Write every bank of this shard to one file (temporary name, then rename)."""
+        path = self.snapshot_path(directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save({key: s.state() for key, s in self.stores.items()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return {"shard": self.index, "banks": len(self.stores), "bytes": path.stat().st_size}
+
+    def load_snapshot(self, directory: str | os.PathLike) -> bool:
+        """Restore the banks from this shard's snapshot, if there is one."""
+        path = self.snapshot_path(directory)
+        if not path.exists():
+            return False
+        states = torch.load(path, weights_only=True)
+        for key, state in states.items():
+            if (state["shard"], state["n_shards"]) != (self.index, self.n_shards):
+                raise InvalidArgument(f"snapshot {path} was written by another shard layout")
+            self.stores[key] = ChunkStore.from_state(state, self.device)
+        return True

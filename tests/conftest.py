@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray for the whole session, services on loopback."""
+"""Shared fixtures: a local Ray per test module (the cluster tests start their own)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     import ray
 

@@ -51,7 +51,7 @@ class BankSpec(_message.Message):
     def __init__(self, kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., index: _Optional[str] = ..., eviction: _Optional[str] = ...) -> None: ...
 
 class BankInfo(_message.Message):
-    __slots__ = ("name", "spec", "size_tokens", "chunks", "pending_tokens", "appended_chunks", "evicted_chunks", "shards", "bytes", "created_at")
+    __slots__ = ("name", "spec", "size_tokens", "chunks", "pending_tokens", "appended_chunks", "evicted_chunks", "shards", "bytes", "created_at", "lost_chunks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SIZE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class BankInfo(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOST_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: BankSpec
     size_tokens: int
@@ -72,7 +73,8 @@ class BankInfo(_message.Message):
     shards: int
     bytes: int
     created_at: float
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[BankSpec, _Mapping]] = ..., size_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., appended_chunks: _Optional[int] = ..., evicted_chunks: _Optional[int] = ..., shards: _Optional[int] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ...) -> None: ...
+    lost_chunks: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[BankSpec, _Mapping]] = ..., size_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., appended_chunks: _Optional[int] = ..., evicted_chunks: _Optional[int] = ..., shards: _Optional[int] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., lost_chunks: _Optional[int] = ...) -> None: ...
 
 class CreateBankRequest(_message.Message):
     __slots__ = ("name", "spec")
@@ -113,14 +115,16 @@ class AppendRequest(_message.Message):
     def __init__(self, bank: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
-    __slots__ = ("appended_tokens", "pending_tokens", "appended_chunks")
+    __slots__ = ("appended_tokens", "pending_tokens", "appended_chunks", "lost_chunks")
     APPENDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     APPENDED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LOST_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     appended_tokens: int
     pending_tokens: int
     appended_chunks: int
-    def __init__(self, appended_tokens: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., appended_chunks: _Optional[int] = ...) -> None: ...
+    lost_chunks: int
+    def __init__(self, appended_tokens: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., appended_chunks: _Optional[int] = ..., lost_chunks: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("banks", "queries", "top_k")
@@ -133,7 +137,7 @@ class SearchRequest(_message.Message):
     def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class SearchHeader(_message.Message):
-    __slots__ = ("scores", "chunk_ids", "slots", "table_rows", "chunk_size", "head_dim", "dtype")
+    __slots__ = ("scores", "chunk_ids", "slots", "table_rows", "chunk_size", "head_dim", "dtype", "missing_shards")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,7 @@ class SearchHeader(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     scores: Tensor
     chunk_ids: Tensor
     slots: Tensor
@@ -148,7 +153,8 @@ class SearchHeader(_message.Message):
     chunk_size: int
     head_dim: int
     dtype: DType
-    def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., slots: _Optional[_Union[Tensor, _Mapping]] = ..., table_rows: _Optional[int] = ..., chunk_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    missing_shards: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, scores: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., slots: _Optional[_Union[Tensor, _Mapping]] = ..., table_rows: _Optional[int] = ..., chunk_size: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., missing_shards: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("header", "row_offset", "table_keys", "table_values")
@@ -161,3 +167,51 @@ class SearchResponse(_message.Message):
     table_keys: Tensor
     table_values: Tensor
     def __init__(self, header: _Optional[_Union[SearchHeader, _Mapping]] = ..., row_offset: _Optional[int] = ..., table_keys: _Optional[_Union[Tensor, _Mapping]] = ..., table_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SnapshotResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardSnapshot]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardSnapshot, _Mapping]]] = ...) -> None: ...
+
+class ShardSnapshot(_message.Message):
+    __slots__ = ("shard", "banks", "bytes")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    shard: int
+    banks: int
+    bytes: int
+    def __init__(self, shard: _Optional[int] = ..., banks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class DescribeServiceRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("index", "available", "node_id", "node_address", "device", "banks", "restored_from_snapshot")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    available: bool
+    node_id: str
+    node_address: str
+    device: str
+    banks: int
+    restored_from_snapshot: bool
+    def __init__(self, index: _Optional[int] = ..., available: _Optional[bool] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., device: _Optional[str] = ..., banks: _Optional[int] = ..., restored_from_snapshot: _Optional[bool] = ...) -> None: ...
+
+class ServiceInfo(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...

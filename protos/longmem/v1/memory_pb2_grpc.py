@@ -69,6 +69,16 @@ class MemoryServiceStub:
                 request_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
                 response_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_unary(
+                '/longmem.v1.MemoryService/Snapshot',
+                request_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
+        self.DescribeService = channel.unary_unary(
+                '/longmem.v1.MemoryService/DescribeService',
+                request_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.DescribeServiceRequest.SerializeToString,
+                response_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.ServiceInfo.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -116,6 +126,20 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Save the catalog and every shard to the service's --snapshot-dir now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeService(self, request, context):
+        """The shard map: where each shard runs and whether it is up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +177,16 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SearchRequest.FromString,
                     response_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SearchResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SnapshotRequest.FromString,
+                    response_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SnapshotResponse.SerializeToString,
+            ),
+            'DescribeService': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeService,
+                    request_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.DescribeServiceRequest.FromString,
+                    response_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.ServiceInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +378,60 @@ class MemoryService:
             '/longmem.v1.MemoryService/Search',
             protos_dot_longmem_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
             protos_dot_longmem_dot_v1_dot_memory__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/longmem.v1.MemoryService/Snapshot',
+            protos_dot_longmem_dot_v1_dot_memory__pb2.SnapshotRequest.SerializeToString,
+            protos_dot_longmem_dot_v1_dot_memory__pb2.SnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/longmem.v1.MemoryService/DescribeService',
+            protos_dot_longmem_dot_v1_dot_memory__pb2.DescribeServiceRequest.SerializeToString,
+            protos_dot_longmem_dot_v1_dot_memory__pb2.ServiceInfo.FromString,
             options,
             channel_credentials,
             insecure,
