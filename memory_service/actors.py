@@ -42,6 +42,7 @@ log = logging.getLogger("longmem.actors")
 
 SHARD_MEMORY = 64 << 20  # nominal bundle size when shards take no GPU
 CALL_TIMEOUT_S = 120.0  # a shard slower than this counts as unavailable
+HEALTH_EVERY_S = 0.5  # how often the engine pings its shards
 PLACEMENT_TIMEOUT_S = 120.0
 
 
@@ -74,13 +75,21 @@ def call_shards(shards: list):
     return call
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"health": 1})
 class ShardActor(Shard):
-    """A `Shard` in its own process, on a GPU when Ray gave it one; restores its snapshot."""
+    """A `Shard` in its own process, on a GPU when Ray gave it one; restores its snapshot.
+
+    Bank calls run one at a time; `ping` has its own thread, so a long search does not
+    make a healthy shard look dead.
+    """
 
     def __init__(self, index: int, n_shards: int, snapshot_dir: str | None):
         super().__init__(index, n_shards, "cuda" if torch.cuda.is_available() else "cpu")
         self.restored = bool(snapshot_dir) and self.load_snapshot(snapshot_dir)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        return True
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -154,6 +163,8 @@ class RayEngine:
         self._call = call_shards(self.shards)
         self.devices = [d["device"] for d in self.shard_map()]
         self._stop = threading.Event()
+        self.down: set[int] = set()  # shards that missed their last ping
+        threading.Thread(target=self._health_loop, daemon=True).start()
         if snapshot_dir and snapshot_every_s > 0:
             threading.Thread(
                 target=self._snapshot_loop, args=(snapshot_every_s,), daemon=True
@@ -161,6 +172,33 @@ class RayEngine:
 
     def _coordinator(self, method: str, *args):
         return get_all({0: getattr(self.coordinator, method).remote(*args)}, "coordinator")[0]
+
+    def _health_loop(self) -> None:
+        """Ping every shard; a shard that does not answer in time is `down` until it does."""
+        while not self._stop.wait(HEALTH_EVERY_S):
+            pings = {s: shard.ping.remote() for s, shard in enumerate(self.shards)}
+            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=2.0)
+            down = set()
+            for s, ref in pings.items():
+                try:
+                    if ref not in ready:
+                        raise GetTimeoutError
+                    ray.get(ref)
+                except (RayActorError, GetTimeoutError):
+                    down.add(s)
+            if down != self.down:
+                log.warning("shards down: %s", sorted(down) or "none")
+            self.down = down
+
+    def _search_call(self, method: str, args: dict[int, tuple], partial: bool = False) -> dict:
+        """Shard calls for a search: shards known to be down fail fast (or, when partial
+        answers are allowed, are skipped) instead of waiting for their restart."""
+        down = self.down & set(args)
+        if down and not partial:
+            raise Unavailable(
+                f"shard {min(down)} is unavailable (restarting, or its node is gone); retry shortly"
+            )
+        return self._call(method, {s: a for s, a in args.items() if s not in down}, partial)
 
     def _snapshot_loop(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
@@ -199,7 +237,14 @@ class RayEngine:
         bank_keys, oldest, spec = self._coordinator("resolve", tenant, names)
         check_search(names, queries, spec, top_k)
         return sharded_search(
-            self._call, self.n_shards, bank_keys, oldest, spec, queries, top_k, self.allow_partial
+            self._search_call,
+            self.n_shards,
+            bank_keys,
+            oldest,
+            spec,
+            queries,
+            top_k,
+            self.allow_partial,
         )
 
     def shutdown(self) -> None:
