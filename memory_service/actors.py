@@ -43,6 +43,7 @@ log = logging.getLogger("longmem.actors")
 SHARD_MEMORY = 64 << 20  # nominal bundle size when shards take no GPU
 CALL_TIMEOUT_S = 120.0  # a shard slower than this counts as unavailable
 HEALTH_EVERY_S = 0.5  # how often the engine pings its shards
+NAMESPACE = "longmem"  # coordinators are named actors here: "coordinator-<service name>"
 PLACEMENT_TIMEOUT_S = 120.0
 
 
@@ -109,6 +110,14 @@ class CoordinatorActor(Catalog):
 
     def __init__(self, shards: list, snapshot_dir: str | None):
         super().__init__(len(shards), call_shards(shards), snapshot_dir)
+        self.address: str | None = None
+
+    def set_endpoint(self, address: str) -> None:
+        self.address = address
+
+    def endpoint(self) -> str | None:
+        """The gRPC address (node IP:port) of the service, for workers in the cluster."""
+        return self.address
 
     def shard_map(self) -> list[dict]:
         """Where each shard runs, or that it is unavailable."""
@@ -128,6 +137,7 @@ class RayEngine:
         snapshot_dir: str | None = None,
         allow_partial: bool = False,
         snapshot_every_s: float = 0.0,
+        name: str = "default",
     ):
         if placement not in ("spread", "pack"):
             raise InvalidArgument(f"placement must be 'spread' or 'pack', got {placement!r}")
@@ -156,6 +166,8 @@ class RayEngine:
         ]
         here = ray.get_runtime_context().get_node_id()  # the coordinator stays with the server
         self.coordinator = CoordinatorActor.options(
+            name=f"coordinator-{name}",
+            namespace=NAMESPACE,
             num_cpus=0,
             max_restarts=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
@@ -210,6 +222,9 @@ class RayEngine:
     def shard_map(self) -> list[dict]:
         return self._coordinator("shard_map")
 
+    def set_endpoint(self, address: str) -> None:
+        self._coordinator("set_endpoint", address)
+
     def snapshot(self) -> list[dict]:
         return self._coordinator("snapshot")
 
@@ -258,3 +273,16 @@ class RayEngine:
         for actor in [self.coordinator, *self.shards]:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
+
+
+def find_service(name: str = "default") -> str:
+    """The gRPC address of memory service `name` running on this Ray cluster (for code
+    inside it: a training or inference worker), found through its coordinator actor."""
+    try:
+        coordinator = ray.get_actor(f"coordinator-{name}", namespace=NAMESPACE)
+    except ValueError:
+        raise Unavailable(f"no longmem memory service {name!r} runs on this Ray cluster") from None
+    address = get_all({0: coordinator.endpoint.remote()}, "coordinator")[0]
+    if address is None:
+        raise Unavailable("the memory service on this Ray cluster is still starting")
+    return address

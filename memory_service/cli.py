@@ -35,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         snapshot_dir=args.snapshot_dir,
         snapshot_every_s=args.snapshot_every,
         allow_partial=args.allow_partial,
+        name=args.name,
     )
     devices = ", ".join(service.engine.devices)
     print(
@@ -148,6 +149,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="while a shard is down, answer searches from the others (marked partial) "
         "instead of failing with UNAVAILABLE",
+    )
+    serve.add_argument(
+        "--name",
+        default="default",
+        help="service name on the Ray cluster; workers find it with find_service(name)",
     )
     serve.set_defaults(run=cmd_serve)
 

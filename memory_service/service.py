@@ -35,10 +35,12 @@ def start_service(
     snapshot_dir: str | None = None,
     snapshot_every_s: float = 0.0,
     allow_partial: bool = False,
+    name: str = "default",
 ) -> Service:
     """Start shard and coordinator actors (joining `ray_address`, or an embedded local Ray
     when Ray is not running yet) and a gRPC server on host:port (0: a free port).
 
+    `name` identifies the service on the Ray cluster (`actors.find_service(name)`).
     `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
     (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop).
     """
@@ -52,7 +54,7 @@ def start_service(
             logging_level="WARNING",
         )
     engine = RayEngine(
-        shards, gpus_per_shard, placement, snapshot_dir, allow_partial, snapshot_every_s
+        shards, gpus_per_shard, placement, snapshot_dir, allow_partial, snapshot_every_s, name
     )
     try:
         server, address = start_server(
@@ -61,4 +63,7 @@ def start_service(
     except Exception:
         engine.shutdown()
         raise
+    if host in ("0.0.0.0", "::", "[::]"):  # advertise the node's address, not the wildcard
+        address = f"{ray.util.get_node_ip_address()}:{address.rsplit(':', 1)[1]}"
+    engine.set_endpoint(address)
     return Service(engine, server, address)

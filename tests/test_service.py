@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memory_service.client import InProcessClient, MemoryClient, read_search_stream
-from memory_service.errors import NotFound
+from memory_service.errors import NotFound, Unavailable
 from memory_service.search import CompactResult
 from memory_service.server import search_messages
 from memory_service.service import start_service
@@ -28,7 +28,7 @@ TENANTS = TenantTable(
 @pytest.fixture(scope="module")
 def services(ray_local):
     """Two services on the same Ray: 1 shard and 3 shards."""
-    started = {n: start_service(shards=n, tenants=TENANTS) for n in (1, 3)}
+    started = {n: start_service(shards=n, tenants=TENANTS, name=f"test-{n}") for n in (1, 3)}
     yield started
     for s in started.values():
         s.stop()
@@ -144,6 +144,14 @@ def test_tenant_isolation(services):
     assert alice.describe_bank("secret")["size_tokens"] == 100
     alice.delete_bank("secret")
     alice.close(), bob.close()
+
+
+def test_workers_find_the_service_through_the_coordinator(services):
+    from memory_service.actors import find_service
+
+    assert find_service("test-3") == services[3].address
+    with pytest.raises(Unavailable, match="no longmem memory service 'nope'"):
+        find_service("nope")
 
 
 def test_health_and_reflection(services):
