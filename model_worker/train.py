@@ -1,0 +1,380 @@
+"""Memory-augmented adaptation: train the SideNet on long documents through the memory service.
+
+Per step, for B streams (row b = the next segment of stream b, DESIGN.md section 1):
+
+    out = model(segment, banks, memory)    # retrieval from each stream's bank
+    loss.backward(); clip; optimizer step  # every --grad-accum steps
+    model.append_memory(memory, banks, out)  # then the segment enters the banks
+
+A stream's bank is reset when its document ends. The memory is the embedded service (local
+Ray + gRPC on loopback) unless `--memory HOST:PORT` names a running one. With
+`--workers N`, Ray Train runs N data-parallel workers: each has its own streams and banks,
+and gradients are averaged over the workers before every optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from memory_service import errors
+from memory_service.client import MemoryClient
+from memory_service.tenancy import DEFAULT_API_KEY
+from model_worker.backbone import DEFAULT_BACKBONE
+from model_worker.data import Corpus, DataError, Streams
+from model_worker.model import CHECKPOINT_CONFIG, LongMemModel
+from model_worker.sidenet import SideNetConfig
+
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+@dataclass
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    data: str | None = None  # folder of text documents; None = the Python standard library
+    out: str = "runs/longmem"  # checkpoint folder (the final checkpoint; resumable)
+    segment_len: int = 512
+    batch_size: int = 1  # streams per worker
+    steps: int = 100  # optimizer steps
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup: int = 10
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    memory_tokens: int = 65536  # bank capacity per stream
+    k: int = 64
+    chunk_size: int = 4
+    r: int = 2
+    retrieval_layer: int | None = None
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    memory: str | None = None  # HOST:PORT of a running service; None = embedded
+    api_key: str = DEFAULT_API_KEY
+    shards: int = 2  # embedded service
+    workers: int = 1  # > 1: Ray Train data parallel
+    device: str | None = None
+    seed: int = 0
+    bank_prefix: str = "train"
+    progress: bool = True
+
+    def sidenet(self) -> SideNetConfig:
+        return SideNetConfig(
+            r=self.r, retrieval_layer=self.retrieval_layer, k=self.k, chunk_size=self.chunk_size
+        )
+
+
+# --- shared with evaluate / generate ---------------------------------------------------
+
+
+def default_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def load_model(
+    backbone: str | None,
+    checkpoint: str | None = None,
+    sidenet: SideNetConfig | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[LongMemModel, object]:
+    """Backbone + SideNet (+ trained weights). A checkpoint brings its own SideNet config
+    and, when `backbone` is None, names the backbone."""
+    if checkpoint is not None:
+        meta_file = Path(checkpoint) / CHECKPOINT_CONFIG
+        if not meta_file.is_file():
+            raise DataError(f"checkpoint {checkpoint} not found (a folder written by longmem train)")
+        meta = json.loads(meta_file.read_text())
+        sidenet = SideNetConfig(**meta["sidenet"])
+        backbone = backbone or meta["backbone"]["name"]
+    model, tokenizer = LongMemModel.from_backbone(backbone or DEFAULT_BACKBONE, sidenet)
+    if checkpoint is not None:
+        model.load_checkpoint(checkpoint)
+    return model.to(device), tokenizer
+
+
+class TimedMemory:
+    """A memory client that adds up the seconds spent in its calls (`seconds`)."""
+
+    def __init__(self, client):
+        self.client, self.seconds = client, 0.0
+
+    def __getattr__(self, name):
+        fn = getattr(self.client, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t
+
+        return timed
+
+
+def connect(address: str, api_key: str = DEFAULT_API_KEY) -> MemoryClient:
+    """A client of the service at `address`, checked: unreachable or refused keys fail here
+    with a line saying what to do."""
+    client = MemoryClient(address, api_key=api_key, timeout=60.0, retries=2)
+    try:
+        client.list_banks()
+    except errors.Unavailable as e:
+        client.close()
+        raise DataError(
+            f"memory service at {address} is unreachable ({e.message.splitlines()[0]}); "
+            "start one with `longmem serve` or leave out --memory for the embedded one"
+        ) from None
+    except errors.Unauthenticated as e:
+        client.close()
+        raise DataError(
+            f"memory service at {address} refused the API key ({e.message}); "
+            "pass a key of your tenant with --api-key or $LONGMEM_API_KEY"
+        ) from None
+    return client
+
+
+@contextmanager
+def memory_service(address: str | None, api_key: str, shards: int = 2):
+    """Yield the address of a memory service: `address`, or an embedded one started here."""
+    if address is not None:
+        yield address
+        return
+    from memory_service.service import start_service
+
+    service = start_service(shards=shards)
+    try:
+        yield service.address
+    finally:
+        service.stop()
+
+
+def open_bank(memory, model: LongMemModel, name: str, capacity_tokens: int) -> None:
+    """Create bank `name` for this model, or empty it if it already exists."""
+    try:
+        model.create_banks(memory, [name], capacity_tokens)
+    except errors.AlreadyExists:
+        memory.reset_bank(name)
+
+
+@torch.no_grad()
+def read_into_bank(memory, model: LongMemModel, bank: str, tokens: torch.Tensor, seg: int) -> None:
+    """Write the layer-m keys/values of `tokens` (N,) into `bank`, read segment by segment
+    as the model reads them (backbone only: it alone makes the memory)."""
+    device = next(model.parameters()).device
+    for start in range(0, len(tokens), seg):
+        bb = model.backbone(tokens[None, start : start + seg].to(device))
+        memory.append(bank, bb.keys[0], bb.values[0])  # (T, Hkv, D)
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+
+def save_training_checkpoint(
+    model: LongMemModel, opt: torch.optim.Optimizer, state: dict, path: str | Path
+) -> None:
+    """Write the whole checkpoint folder next to `path`, then swap it in: a crash leaves
+    the previous checkpoint (or none), never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_checkpoint(tmp)
+        torch.save(opt.state_dict(), tmp / OPTIMIZER_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then linear (polynomial power 1, as in the paper) decay to 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    rest = max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * max(0.0, 1 - (step - cfg.warmup) / rest)
+
+
+# --- the loop --------------------------------------------------------------------------
+
+
+def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) -> dict:
+    """Train on this worker's streams; average gradients over `world` workers (torch
+    distributed, set up by Ray Train) when world > 1. Returns a summary (rank 0's view)."""
+    import torch.distributed as dist
+
+    torch.manual_seed(cfg.seed + rank)
+    device = default_device(cfg.device)
+    out = Path(cfg.out)
+    resume = cfg.resume and (out / TRAINER_STATE).is_file()
+    if cfg.resume and not resume:
+        raise DataError(f"--resume: no checkpoint in {out} (it has no {TRAINER_STATE})")
+    model, tokenizer = load_model(
+        cfg.backbone, str(out) if resume else None, cfg.sidenet(), device
+    )
+    corpus = Corpus(cfg.data, tokenizer, cfg.segment_len, "train" if cfg.data is None else "all")
+    if cfg.data is not None:
+        corpus.check()
+    streams = Streams(corpus, cfg.batch_size, cfg.seed, rank, world)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    start = 0
+    if resume:
+        state = json.loads((out / TRAINER_STATE).read_text())
+        if state["world"] != world:
+            raise DataError(f"checkpoint {out} was trained with {state['world']} workers, not {world}")
+        opt.load_state_dict(torch.load(out / OPTIMIZER_STATE, map_location=device))
+        streams.load_state_dict(state["streams"][rank])
+        start = state["step"]
+
+    memory = TimedMemory(connect(address, cfg.api_key))
+    banks = [f"{cfg.bank_prefix}-w{rank}-s{b}" for b in range(cfg.batch_size)]
+    for b, bank in enumerate(banks):
+        open_bank(memory, model, bank, cfg.memory_tokens)
+        s = streams.streams[b]
+        if resume and s.doc >= 0 and s.segment > 0:  # rebuild what the bank held
+            done = streams.current(b).tokens[: s.segment * cfg.segment_len]
+            read_into_bank(memory, model, bank, done, cfg.segment_len)
+
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+    tokens_per_step = cfg.batch_size * cfg.segment_len * cfg.grad_accum * world
+    bar = tqdm(
+        total=cfg.steps, initial=start, disable=rank != 0 or not cfg.progress, unit="step",
+        dynamic_ncols=True,
+    )
+    model.train()
+    t0, losses, loss = time.perf_counter(), [], float("nan")
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = streams.next_batch()
+            for bank, new in zip(banks, batch.new_document, strict=True):
+                if new:
+                    memory.reset_bank(bank)
+            ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+            with autocast:
+                o = model(ids, banks, memory)
+                loss_t = F.cross_entropy(o.logits.flatten(0, 1).float(), targets.flatten())
+            (loss_t / cfg.grad_accum).backward()
+            step_loss += loss_t.item() / cfg.grad_accum
+            model.append_memory(memory, banks, o)
+        if world > 1:  # average gradients (and the loss, for the log) over workers
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([step_loss])])
+            dist.all_reduce(flat)
+            flat /= world
+            for p, g in zip(params, flat[:-1].split([p.numel() for p in params]), strict=True):
+                p.grad = g.view_as(p)
+            step_loss = float(flat[-1])
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = step_loss
+        losses.append(loss)
+        done = step + 1
+        elapsed = time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss:.3f}",
+            tok_s=f"{tokens_per_step * (done - start) / elapsed:.0f}",
+            mem=f"{memory.seconds:.1f}s",
+        )
+        if done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
+            all_streams = [streams.state_dict()]
+            if world > 1:
+                all_streams = [None] * world
+                dist.all_gather_object(all_streams, streams.state_dict())
+            if rank == 0:
+                state = {"step": done, "world": world, "streams": all_streams,
+                         "config": asdict(cfg), "loss": loss}
+                save_training_checkpoint(model, opt, state, out)
+    bar.close()
+    memory.client.close()
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps": cfg.steps - start,
+        "final_loss": loss,
+        "first_loss": losses[0] if losses else float("nan"),
+        "tokens": tokens_per_step * (cfg.steps - start),
+        "seconds": elapsed,
+        "memory_seconds": memory.seconds,
+        "checkpoint": str(out),
+    }
+
+
+def _ray_train_loop(config: dict) -> None:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    cfg = TrainConfig(**config["cfg"])
+    summary = train_worker(cfg, config["address"], ctx.get_world_rank(), ctx.get_world_size())
+    ray.train.report(summary)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training (one process, or `cfg.workers` Ray Train workers) through the memory
+    service; returns a summary with the final loss, tokens, seconds and memory seconds."""
+    if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.workers < 1:
+        raise DataError("--steps, --grad-accum, --batch-size and --workers must be at least 1")
+    if cfg.memory is not None:
+        connect(cfg.memory, cfg.api_key).close()  # fail early, before Ray starts
+    with memory_service(cfg.memory, cfg.api_key, cfg.shards) as address:
+        if cfg.workers == 1:
+            return train_worker(cfg, address)
+        return _train_ray(cfg, address)
+
+
+def _train_ray(cfg: TrainConfig, address: str) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    use_gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    storage = tempfile.mkdtemp(prefix="longmem-raytrain-")
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"cfg": asdict(cfg), "address": address},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
+        ),
+        run_config=RunConfig(storage_path=storage, name="longmem-train"),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # a worker's error: report its own message, in one line
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise DataError(f"a training worker failed: {_last_line(root)}") from None
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    if result.error is not None:
+        raise DataError(f"a training worker failed: {_last_line(result.error)}")
+    return {**result.metrics, "workers": cfg.workers}
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
