@@ -98,7 +98,9 @@ class Corpus:
         except UnicodeDecodeError:
             if self.default:
                 return None
-            raise DataError(f"{f} is not a UTF-8 text file; the data folder must hold only text")
+            raise DataError(
+                f"{f} is not a UTF-8 text file; the data folder must hold only text"
+            ) from None
         tokens = torch.tensor(encode(self.tokenizer, text), dtype=torch.long)
         if len(tokens) <= self.segment_len:
             if self.default:

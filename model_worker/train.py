@@ -15,7 +15,6 @@ and gradients are averaged over the workers before every optimizer step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -93,7 +92,9 @@ def load_model(
     if checkpoint is not None:
         meta_file = Path(checkpoint) / CHECKPOINT_CONFIG
         if not meta_file.is_file():
-            raise DataError(f"checkpoint {checkpoint} not found (a folder written by longmem train)")
+            raise DataError(
+                f"checkpoint {checkpoint} not found (a folder written by longmem train)"
+            )
         meta = json.loads(meta_file.read_text())
         sidenet = SideNetConfig(**meta["sidenet"])
         backbone = backbone or meta["backbone"]["name"]
@@ -236,7 +237,9 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     if resume:
         state = json.loads((out / TRAINER_STATE).read_text())
         if state["world"] != world:
-            raise DataError(f"checkpoint {out} was trained with {state['world']} workers, not {world}")
+            raise DataError(
+                f"checkpoint {out} was trained with {state['world']} workers, not {world}"
+            )
         opt.load_state_dict(torch.load(out / OPTIMIZER_STATE, map_location=device))
         streams.load_state_dict(state["streams"][rank])
         start = state["step"]
@@ -257,7 +260,7 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         dynamic_ncols=True,
     )
     model.train()
-    t0, losses, loss = time.perf_counter(), [], float("nan")
+    t0, losses, loss, summary = time.perf_counter(), [], float("nan"), {}
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -301,21 +304,22 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                 all_streams = [None] * world
                 dist.all_gather_object(all_streams, streams.state_dict())
             if rank == 0:
+                summary = {
+                    "steps": done - start,
+                    "first_loss": losses[0],
+                    "final_loss": loss,
+                    "tokens": tokens_per_step * (done - start),
+                    "seconds": elapsed,
+                    "memory_seconds": memory.seconds,
+                    "workers": world,
+                    "checkpoint": str(out),
+                }
                 state = {"step": done, "world": world, "streams": all_streams,
-                         "config": asdict(cfg), "loss": loss}
+                         "config": asdict(cfg), "summary": summary}
                 save_training_checkpoint(model, opt, state, out)
     bar.close()
     memory.client.close()
-    elapsed = time.perf_counter() - t0
-    return {
-        "steps": cfg.steps - start,
-        "final_loss": loss,
-        "first_loss": losses[0] if losses else float("nan"),
-        "tokens": tokens_per_step * (cfg.steps - start),
-        "seconds": elapsed,
-        "memory_seconds": memory.seconds,
-        "checkpoint": str(out),
-    }
+    return summary
 
 
 def _ray_train_loop(config: dict) -> None:
@@ -323,8 +327,7 @@ def _ray_train_loop(config: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = TrainConfig(**config["cfg"])
-    summary = train_worker(cfg, config["address"], ctx.get_world_rank(), ctx.get_world_size())
-    ray.train.report(summary)
+    train_worker(cfg, config["address"], ctx.get_world_rank(), ctx.get_world_size())
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -368,13 +371,10 @@ def _train_ray(cfg: TrainConfig, address: str) -> dict:
         shutil.rmtree(storage, ignore_errors=True)
     if result.error is not None:
         raise DataError(f"a training worker failed: {_last_line(result.error)}")
-    return {**result.metrics, "workers": cfg.workers}
+    return json.loads((Path(cfg.out) / TRAINER_STATE).read_text())["summary"]
 
 
 def _last_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
 
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

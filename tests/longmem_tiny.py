@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from model_worker import evaluate
+
 WORDS = (
     "the memory bank holds keys and values of every segment read so far while a small side "
     "network learns to retrieve chunks that matter for the next token in a long stream"
@@ -19,8 +21,9 @@ WORDS = (
 def text(n_words: int, seed: int) -> str:
     rng = random.Random(seed)
     lines = []
-    for i in range(0, n_words, 12):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + f" {rng.randint(0, 99999)}.")
+    for _ in range(0, n_words, 12):
+        words = " ".join(rng.choice(WORDS) for _ in range(12))
+        lines.append(f"{words} {rng.randint(0, 99999)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -30,10 +33,11 @@ def make_backbone(path: Path, seed: int = 0, layers: int = 4) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=["<|endoftext|>"],
     )
-    tok.train_from_iterator([text(3000, s) for s in range(3)], trainer)
+    passkey = [evaluate.INTRO, evaluate.FILLER, evaluate.KEY, evaluate.QUESTION] * 50
+    tok.train_from_iterator([text(3000, s) for s in range(3)] + passkey, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     config = LlamaConfig(
         vocab_size=fast.vocab_size, hidden_size=64, intermediate_size=128,
