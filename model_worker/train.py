@@ -98,7 +98,10 @@ def load_model(
         meta = json.loads(meta_file.read_text())
         sidenet = SideNetConfig(**meta["sidenet"])
         backbone = backbone or meta["backbone"]["name"]
-    model, tokenizer = LongMemModel.from_backbone(backbone or DEFAULT_BACKBONE, sidenet)
+    try:
+        model, tokenizer = LongMemModel.from_backbone(backbone or DEFAULT_BACKBONE, sidenet)
+    except RuntimeError as e:  # e.g. the default backbone's package is not installed
+        raise DataError(str(e)) from None
     if checkpoint is not None:
         model.load_checkpoint(checkpoint)
     return model.to(device), tokenizer
