@@ -115,9 +115,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Service up, backbone, brief adaptation (unless --checkpoint), perplexity and passkey
     with memory on and off; the table and each phase's time."""
     from memory_service.service import start_service
-    from model_worker.data import Corpus
-    from model_worker.evaluate import EvalConfig, eval_passkey, eval_perplexity, format_table
-    from model_worker.train import TimedMemory, TrainConfig, connect, load_model, train_worker
+    from model_worker.evaluate import EvalConfig, format_table, run_eval
+    from model_worker.train import TrainConfig, connect, load_model, train_worker
 
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -153,30 +152,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ecfg = EvalConfig(
             checkpoint=checkpoint, segment_len=args.segment_len, docs=args.docs,
             segments=args.segments, passkey_distances=args.passkey_distances,
-            passkey_trials=args.passkey_trials, json_out=None, seed=args.seed,
+            passkey_trials=args.passkey_trials, sections=["perplexity", "passkey"],
+            json_out=str(Path(args.out) / "eval.json"), seed=args.seed,
         )
-        memory = TimedMemory(connect(service.address))
-        t = time.perf_counter()
-        docs = Corpus(None, tokenizer, args.segment_len, "eval").documents(args.docs)
-        rows = eval_perplexity(ecfg, model, memory, docs)
-        phase(f"perplexity on {len(docs)} held-out stdlib files", t)
-        t = time.perf_counter()
-        rows += eval_passkey(ecfg, model, memory, tokenizer)
-        phase("passkey retrieval", t)
-        memory.client.close()
+        client = connect(service.address)
+        try:
+            result = run_eval(ecfg, model, tokenizer, client)
+        finally:
+            client.close()
+        for name, seconds in result["seconds"].items():
+            phases[name] = seconds
+            print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {seconds:.1f}s", flush=True)
     finally:
         service.stop()
     total = time.perf_counter() - t0
     print()
-    print(format_table(rows))
+    print(format_table(result["rows"]))
     print()
-    print(
-        "phases: " + ", ".join(f"{k.split(' ')[0]} {v:.0f}s" for k, v in phases.items())
-        + f"; total {total:.0f}s ({memory.seconds:.1f}s of evaluation in memory calls)"
-    )
+    print(f"{'phase':<72} {'seconds':>8}")
+    for name, seconds in phases.items():
+        print(f"{name:<72} {seconds:>8.1f}")
+    print(f"{'total':<72} {total:>8.1f}")
+    result["phases"], result["total_seconds"] = phases, total
     out = Path(args.out) / "demo.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "phases": phases, "total_seconds": total}, indent=2))
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
 

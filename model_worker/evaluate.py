@@ -144,49 +144,75 @@ KEY = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 QUESTION = "What is the pass key? The pass key is"
 
 
+@dataclass
+class PasskeyTrial:
+    stream: list[int]  # intro + key sentence + filler + question + answer
+    window_start: int  # a multiple of segment_len: tokens before it are in memory
+    answer: list[int]  # the key's tokens, the last tokens of the stream
+
+
+def passkey_trial(tokenizer, key: str, distance: int, seg: int) -> PasskeyTrial:
+    """The token stream of one trial: `distance` filler tokens between the key sentence
+    and the question. Filler token at stream position p is `filler_segment[p % seg]`, so
+    every segment made only of filler is the same sequence."""
+    head = encode(tokenizer, INTRO) + encode(tokenizer, KEY.format(key=key))
+    answer = encode(tokenizer, " " + key)
+    filler = filler_segment(tokenizer, seg)
+    q_start = len(head) + distance
+    stream = head + [filler[p % seg] for p in range(len(head), q_start)]
+    stream += encode(tokenizer, QUESTION) + answer
+    w = (q_start // seg) * seg  # the window: from the last segment start before the question
+    if w and len(head) > seg:
+        raise DataError(f"--segment-len {seg} is too short for the passkey sentence")
+    return PasskeyTrial(stream, w, answer)
+
+
+def filler_segment(tokenizer, seg: int) -> list[int]:
+    filler = encode(tokenizer, FILLER)
+    return (filler * (seg // len(filler) + 1))[:seg]
+
+
+@torch.no_grad()
+def read_passkey_memory(
+    model: LongMemModel, memory, bank: str, trial: PasskeyTrial, seg: int, cache: dict
+) -> None:
+    """Write every segment before the window into `bank` as reading them would: segment 0
+    (it holds the key) is read; the pure-filler segments after it are one and the same, so
+    their keys/values are computed once (kept in `cache`) and appended again."""
+    device = next(model.parameters()).device
+    for start in range(0, trial.window_start, seg):
+        if start == 0:
+            read_into_bank(memory, model, bank, torch.tensor(trial.stream[:seg]), seg)
+            continue
+        if "kv" not in cache:
+            ids = torch.tensor(trial.stream[start : start + seg], device=device)[None]
+            bb = model.backbone(ids)
+            cache["kv"] = (bb.keys[0], bb.values[0])  # (T, Hkv, D) each
+        memory.append(bank, *cache["kv"])
+
+
 @torch.no_grad()
 def eval_passkey(cfg: EvalConfig, model: LongMemModel, memory, tokenizer) -> list[dict]:
     seg, bank = cfg.segment_len, f"{cfg.bank_prefix}-passkey"
     device = next(model.parameters()).device
-    intro, question = encode(tokenizer, INTRO), encode(tokenizer, QUESTION)
-    filler = encode(tokenizer, FILLER)
-    filler_seg = (filler * (seg // len(filler) + 1))[:seg]  # the filler of one segment
-    fk = fv = None  # keys/values of a pure-filler segment, computed once
-    rng = random.Random(cfg.seed)
-    rows = []
+    rng, cache, rows = random.Random(cfg.seed), {}, []
     for distance in cfg.passkey_distances:
         correct = {"memory on": 0, "memory off": 0}
         held = window_len = 0
         for _ in range(cfg.passkey_trials):
-            key = str(rng.randint(10000, 99999))
-            head = intro + encode(tokenizer, KEY.format(key=key))
-            answer = encode(tokenizer, " " + key)
-            q_start = len(head) + distance
-            stream = head + [filler_seg[p % seg] for p in range(len(head), q_start)]
-            stream += question + answer
-            w = (q_start // seg) * seg  # the window: last segment start before the question
-            if w and len(head) > seg:
-                raise DataError(f"--segment-len {seg} is too short for the passkey sentence")
-            window = torch.tensor(stream[w:], device=device)[None]  # (1, n)
-            capacity = max(w, seg)
-            capacity += -capacity % model.config.chunk_size
-            open_bank(memory, model, bank, capacity)
-            for start in range(0, w, seg):  # memory: every segment before the window
-                if start == 0:
-                    read_into_bank(memory, model, bank, torch.tensor(stream[:seg]), seg)
-                    continue
-                if fk is None:
-                    bb = model.backbone(torch.tensor(filler_seg, device=device)[None])
-                    fk, fv = bb.keys[0], bb.values[0]
-                memory.append(bank, fk, fv)
-            n_ans = len(answer)
+            trial = passkey_trial(tokenizer, str(rng.randint(10000, 99999)), distance, seg)
+            held = trial.window_start
+            capacity = max(held, seg)
+            open_bank(memory, model, bank, capacity + (-capacity % model.config.chunk_size))
+            read_passkey_memory(model, memory, bank, trial, seg, cache)
+            window = torch.tensor(trial.stream[held:], device=device)[None]  # (1, n)
+            window_len, n_ans = window.shape[1], len(trial.answer)
             for name, out in (
                 ("memory on", model(window, [bank], memory)),
                 ("memory off", model(window)),
             ):
                 pred = out.logits[0, -n_ans - 1 : -1].argmax(-1)  # (n_ans,)
-                correct[name] += int(pred.tolist() == answer)
-            held, window_len = w, window.shape[1]
+                correct[name] += int(pred.tolist() == trial.answer)
         for name, c in correct.items():
             rows.append(_row(
                 cfg, model, figure=f"passkey @ {distance}", setting=name, metric="accuracy",
@@ -296,11 +322,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_eval(
-    cfg: EvalConfig, model: LongMemModel | None = None, tokenizer=None, address: str | None = None
+    cfg: EvalConfig, model: LongMemModel | None = None, tokenizer=None, memory=None
 ) -> dict:
     """Evaluate the selected sections; returns {"rows": [...], "seconds": {...}, ...} and
-    writes it to `cfg.json_out`. A loaded model/tokenizer and a service address may be
-    passed in (the demo does); otherwise they are loaded/started here."""
+    writes it to `cfg.json_out`. A loaded model/tokenizer and a memory client may be passed
+    in; otherwise they are loaded here and the service is `cfg.memory` or an embedded one."""
     if model is None:
         sidenet = SideNetConfig(
             r=cfg.r, retrieval_layer=cfg.retrieval_layer, k=cfg.k, chunk_size=cfg.chunk_size
@@ -315,29 +341,37 @@ def run_eval(
         docs = corpus.documents(cfg.docs)
         if not docs:
             raise DataError(f"no document in {corpus.root} is longer than one segment")
-    if cfg.memory is not None and address is None:
-        connect(cfg.memory, cfg.api_key).close()  # fail early, before loading more
-    rows, seconds = [], {}
-    with memory_service(address or cfg.memory, cfg.api_key, cfg.shards) as addr:
-        memory = TimedMemory(connect(addr, cfg.api_key))
+    if memory is not None:
+        return _evaluate(cfg, model, tokenizer, memory, docs)
+    if cfg.memory is not None:
+        connect(cfg.memory, cfg.api_key).close()  # fail early, before starting anything
+    with memory_service(cfg.memory, cfg.api_key, cfg.shards) as address:
+        client = connect(address, cfg.api_key)
         try:
-            for section, fn in (
-                ("perplexity", lambda: eval_perplexity(cfg, model, memory, docs)),
-                ("passkey", lambda: eval_passkey(cfg, model, memory, tokenizer)),
-                ("icl", lambda: eval_icl(cfg, model, memory, tokenizer)),
-            ):
-                if section not in cfg.sections or (section == "icl" and cfg.icl is None):
-                    continue
-                t = time.perf_counter()
-                rows += fn()
-                seconds[section] = time.perf_counter() - t
+            return _evaluate(cfg, model, tokenizer, client, docs)
         finally:
-            memory.client.close()
+            client.close()
+
+
+def _evaluate(cfg: EvalConfig, model: LongMemModel, tokenizer, client, docs: list[Document]):
+    memory = TimedMemory(client)
+    rows, seconds = [], {}
+    for section, fn in (
+        ("perplexity", lambda: eval_perplexity(cfg, model, memory, docs)),
+        ("passkey", lambda: eval_passkey(cfg, model, memory, tokenizer)),
+        ("icl", lambda: eval_icl(cfg, model, memory, tokenizer)),
+    ):
+        if section not in cfg.sections or (section == "icl" and cfg.icl is None):
+            continue
+        t = time.perf_counter()
+        rows += fn()
+        seconds[section] = time.perf_counter() - t
     result = {
         "model": model.backbone_name,
         "checkpoint": cfg.checkpoint,
         "segment_len": cfg.segment_len,
         "sidenet": model.config.to_dict(),
+        "documents": [d.name for d in docs],
         "config": asdict(cfg),
         "rows": rows,
         "seconds": seconds,

@@ -1,0 +1,161 @@
+"""Training through the memory service on a tiny real backbone: streams, checkpoints,
+resume, and Ray Train data parallel with 2 CPU workers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+
+from memory_service.client import MemoryClient
+from memory_service.service import start_service
+from model_worker.data import Corpus, DataError, Streams, stdlib_dir
+from model_worker.train import (
+    TRAINER_STATE,
+    TrainConfig,
+    load_model,
+    lr_at,
+    save_training_checkpoint,
+    train,
+)
+from tests.longmem_tiny import make_backbone, make_books
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return make_backbone(root / "bb"), make_books(root / "books")
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = start_service(shards=2)
+    yield svc
+    svc.stop()
+    ray.shutdown()
+
+
+def tiny_cfg(assets, service, out, **kw) -> TrainConfig:
+    bb, books = assets
+    base = dict(
+        backbone=str(bb), data=str(books), out=str(out), segment_len=32, batch_size=2,
+        steps=6, k=8, chunk_size=2, memory=service.address, progress=False,
+    )
+    return TrainConfig(**(base | kw))
+
+
+def test_streams_continue_rows_and_flag_new_documents(assets):
+    _, books = assets
+    model, tok = load_model(str(assets[0]), None)
+    corpus = Corpus(books, tok, segment_len=32)
+    streams = Streams(corpus, batch_size=2, seed=0)
+    seen: list[list[str]] = [[], []]
+    pos = [0, 0]
+    for _ in range(40):
+        batch = streams.next_batch()
+        assert batch.input_ids.shape == batch.targets.shape == (2, 32)
+        assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
+        for b in range(2):
+            doc = streams.current(b)
+            if batch.new_document[b]:
+                seen[b].append(doc.name)
+                pos[b] = 0
+            # row b is exactly the next segment of stream b's document
+            assert torch.equal(batch.input_ids[b], doc.tokens[pos[b] : pos[b] + 32])
+            pos[b] += 32
+    assert all(len(s) >= 2 for s in seen), "streams must move on to further documents"
+    state = streams.state_dict()
+    again = Streams(corpus, batch_size=2, seed=0)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    assert torch.equal(again.next_batch().input_ids, streams.next_batch().input_ids)
+
+
+def test_workers_read_disjoint_documents(assets):
+    _, tok = load_model(str(assets[0]), None)
+    corpus = Corpus(assets[1], tok, segment_len=32)
+    a, b = Streams(corpus, 1, rank=0, world=2), Streams(corpus, 1, rank=1, world=2)
+    assert not set(a.order) & set(b.order)
+
+
+def test_default_corpus_is_the_stdlib_with_a_held_out_split():
+    train_files = Corpus(None, None, 256, "train")  # listing only: no tokenizer needed yet
+    held = Corpus(None, None, 256, "eval")
+    assert train_files.root == stdlib_dir() and len(held) > 0
+    assert len(train_files) > 10 * len(held)
+    assert not set(train_files.files) & set(held.files)
+    assert all(f.suffix == ".py" for f in held.files)
+
+
+def test_lr_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup=4, steps=20)
+    lrs = [lr_at(s, cfg) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(x > y for x, y in zip(lrs[3:], lrs[4:], strict=False))
+
+
+def test_train_checkpoints_and_resumes(assets, service, tmp_path):
+    out = tmp_path / "ck"
+    s = train(tiny_cfg(assets, service, out, steps=4, save_every=2, bank_prefix="t1"))
+    assert s["steps"] == 4 and s["tokens"] == 4 * 2 * 32 and s["memory_seconds"] > 0
+    assert torch.isfinite(torch.tensor(s["final_loss"]))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ck"], "no temporary or old checkpoint folders are left behind"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "longmem.json", "optimizer.pt", "sidenet.safetensors", TRAINER_STATE]
+    state = json.loads((out / TRAINER_STATE).read_text())
+    assert state["step"] == 4 and len(state["streams"]) == 1
+    # every step went through the service: the banks hold the streams' current documents
+    client = MemoryClient(service.address)
+    banks = {b["name"]: b for b in client.list_banks()}
+    for b, (_, segment) in enumerate(state["streams"][0]["streams"]):
+        assert banks[f"t1-w0-s{b}"]["size_tokens"] + banks[f"t1-w0-s{b}"]["pending_tokens"] \
+            == segment * 32
+    weights = (out / "sidenet.safetensors").read_bytes()
+    s2 = train(tiny_cfg(assets, service, out, steps=7, resume=True, bank_prefix="t1"))
+    assert s2["steps"] == 3
+    assert json.loads((out / TRAINER_STATE).read_text())["step"] == 7
+    assert (out / "sidenet.safetensors").read_bytes() != weights
+    # resume rebuilt each bank from its document before going on
+    state = json.loads((out / TRAINER_STATE).read_text())
+    banks = {b["name"]: b for b in client.list_banks()}
+    for b, (_, segment) in enumerate(state["streams"][0]["streams"]):
+        info = banks[f"t1-w0-s{b}"]
+        assert info["size_tokens"] + info["pending_tokens"] == segment * 32
+    client.close()
+
+
+def test_grad_accumulation_counts_tokens(assets, service, tmp_path):
+    s = train(tiny_cfg(assets, service, tmp_path / "ck", steps=2, grad_accum=3, bank_prefix="t2"))
+    assert s["tokens"] == 2 * 3 * 2 * 32
+
+
+def test_resume_without_checkpoint_is_refused(assets, service, tmp_path):
+    with pytest.raises(DataError, match="no checkpoint"):
+        train(tiny_cfg(assets, service, tmp_path / "none", resume=True))
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(assets, tmp_path):
+    model, _ = load_model(str(assets[0]), None)
+    opt = torch.optim.AdamW(model.trainable_parameters())
+    save_training_checkpoint(model, opt, {"step": 1}, tmp_path / "ck")
+    with pytest.raises(TypeError):  # not JSON-serializable: the write fails half-way
+        save_training_checkpoint(model, opt, {"step": object()}, tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / TRAINER_STATE).read_text()) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_ray_train_two_cpu_workers_average_gradients(assets, service, tmp_path):
+    out = tmp_path / "dp"
+    s = train(tiny_cfg(assets, service, out, steps=3, batch_size=1, workers=2, bank_prefix="dp"))
+    assert s["workers"] == 2 and s["tokens"] == 3 * 1 * 32 * 2
+    state = json.loads((out / TRAINER_STATE).read_text())
+    assert state["world"] == 2 and len(state["streams"]) == 2
+    client = MemoryClient(service.address)
+    names = {b["name"] for b in client.list_banks()}
+    client.close()
+    assert {"dp-w0-s0", "dp-w1-s0"} <= names, "each worker has its own streams and banks"
+    # the workers' checkpoints loads into a fresh model
+    model, _ = load_model(None, str(out))
+    assert model.backbone_name == str(assets[0])
