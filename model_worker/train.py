@@ -206,11 +206,11 @@ def save_training_checkpoint(
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then linear (polynomial power 1, as in the paper) decay to 0."""
+    """Linear warm-up over `warmup` steps, then linear (polynomial power 1, as in the paper)
+    decay towards 0 at step `steps`."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    rest = max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * max(0.0, 1 - (step - cfg.warmup) / rest)
+    return cfg.lr * max(0.0, 1 - (step + 1 - cfg.warmup) / (cfg.steps + 1 - cfg.warmup))
 
 
 # --- the loop --------------------------------------------------------------------------

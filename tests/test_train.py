@@ -46,9 +46,9 @@ def tiny_cfg(assets, service, out, **kw) -> TrainConfig:
     return TrainConfig(**(base | kw))
 
 
-def test_streams_continue_rows_and_flag_new_documents(assets):
-    _, books = assets
-    model, tok = load_model(str(assets[0]), None)
+def test_streams_continue_rows_and_flag_new_documents(assets, tmp_path):
+    books = make_books(tmp_path / "short", n_docs=3, n_words=150)
+    _, tok = load_model(str(assets[0]), None)
     corpus = Corpus(books, tok, segment_len=32)
     streams = Streams(corpus, batch_size=2, seed=0)
     seen: list[list[str]] = [[], []]
@@ -146,7 +146,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(assets, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
-def test_ray_train_two_cpu_workers_average_gradients(assets, service, tmp_path):
+def test_ray_train_two_cpu_workers(assets, service, tmp_path):
     out = tmp_path / "dp"
     s = train(tiny_cfg(assets, service, out, steps=3, batch_size=1, workers=2, bank_prefix="dp"))
     assert s["workers"] == 2 and s["tokens"] == 3 * 1 * 32 * 2
