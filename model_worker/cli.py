@@ -236,7 +236,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/demo", help="checkpoint and demo.json folder")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--segment-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=5)

@@ -9,7 +9,8 @@ length, memory size and token counts it came from (a table, and JSON).
   the question. The stream is read in segments; the local window is the last segment
   start before the question through the end, everything earlier is in memory. The answer
   is the greedy one, scored by teacher forcing (greedy decoding yields the key exactly
-  when the argmax at every answer position is the key's next token). Filler positions
+  when the argmax at every answer position is the key's next token). The backbone
+  alone on the same window is shown too: whether the task is within its reach at all. Filler positions
   repeat with period `segment_len`, so every pure-filler segment is the same token
   sequence and its keys/values are computed once and appended as often as needed: exactly
   what reading it again would write, and it makes 100,000-token distances cheap.
@@ -141,7 +142,7 @@ FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 )
 KEY = "The pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "What is the pass key? The pass key is"
+QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 @dataclass
@@ -197,7 +198,7 @@ def eval_passkey(cfg: EvalConfig, model: LongMemModel, memory, tokenizer) -> lis
     device = next(model.parameters()).device
     rng, cache, rows = random.Random(cfg.seed), {}, []
     for distance in cfg.passkey_distances:
-        correct = {"memory on": 0, "memory off": 0}
+        correct = {"memory on": 0, "memory off": 0, "backbone alone": 0}
         held = window_len = 0
         for _ in range(cfg.passkey_trials):
             trial = passkey_trial(tokenizer, str(rng.randint(10000, 99999)), distance, seg)
@@ -207,11 +208,12 @@ def eval_passkey(cfg: EvalConfig, model: LongMemModel, memory, tokenizer) -> lis
             read_passkey_memory(model, memory, bank, trial, seg, cache)
             window = torch.tensor(trial.stream[held:], device=device)[None]  # (1, n)
             window_len, n_ans = window.shape[1], len(trial.answer)
-            for name, out in (
-                ("memory on", model(window, [bank], memory)),
-                ("memory off", model(window)),
+            for name, logits in (
+                ("memory on", model(window, [bank], memory).logits),
+                ("memory off", model(window).logits),
+                ("backbone alone", model.backbone.model(window).logits),
             ):
-                pred = out.logits[0, -n_ans - 1 : -1].argmax(-1)  # (n_ans,)
+                pred = logits[0, -n_ans - 1 : -1].argmax(-1)  # (n_ans,)
                 correct[name] += int(pred.tolist() == trial.answer)
         for name, c in correct.items():
             rows.append(_row(

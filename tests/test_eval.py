@@ -117,7 +117,9 @@ def test_run_eval_writes_table_and_json(assets, model, tmp_path):
         ("perplexity", "memory on"), ("perplexity", "memory off"),
         ("perplexity", "backbone alone"),
         ("passkey @ 10", "memory on"), ("passkey @ 10", "memory off"),
+        ("passkey @ 10", "backbone alone"),
         ("passkey @ 600", "memory on"), ("passkey @ 600", "memory off"),
+        ("passkey @ 600", "backbone alone"),
         ("icl mr", "memory on"), ("icl mr", "memory off"),
         ("icl sst2", "memory on"), ("icl sst2", "memory off"),
     ]
@@ -130,9 +132,9 @@ def test_run_eval_writes_table_and_json(assets, model, tmp_path):
     # the perplexity with memory off is the same model's loss without retrieval
     doc = result["documents"][0]
     assert doc and ppl["memory off"]["value"] != ppl["memory on"]["value"]
-    near, far = rows[3], rows[5]
+    near, far = rows[3], rows[6]
     assert near["memory_tokens"] == 0 and far["memory_tokens"] >= 512
-    assert rows[7]["memory_tokens"] > 0 and rows[7]["memory_demos"] == 20
+    assert rows[9]["memory_tokens"] > 0 and rows[9]["memory_demos"] == 20
     table = format_table(rows)
     assert "passkey @ 600" in table and "ppl" in table and "icl sst2" in table
 
