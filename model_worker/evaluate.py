@@ -10,8 +10,8 @@ length, memory size and token counts it came from (a table, and JSON).
   start before the question through the end, everything earlier is in memory. The answer
   is the greedy one, scored by teacher forcing (greedy decoding yields the key exactly
   when the argmax at every answer position is the key's next token). The backbone
-  alone on the same window is shown too: whether the task is within its reach at all. Filler positions
-  repeat with period `segment_len`, so every pure-filler segment is the same token
+  alone on the same window is shown too: whether the task is within its reach at all.
+  Filler positions repeat with period `segment_len`, so every pure-filler segment is the same token
   sequence and its keys/values are computed once and appended as often as needed: exactly
   what reading it again would write, and it makes 100,000-token distances cheap.
 - ICL: many demonstrations are read into memory; the local window holds a few
