@@ -246,6 +246,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         opt.load_state_dict(torch.load(out / OPTIMIZER_STATE, map_location=device))
         streams.load_state_dict(state["streams"][rank])
         start = state["step"]
+        if start >= cfg.steps:
+            raise DataError(f"checkpoint {out} is already at step {start}; raise --steps")
 
     memory = TimedMemory(connect(address, cfg.api_key))
     banks = [f"{cfg.bank_prefix}-w{rank}-s{b}" for b in range(cfg.batch_size)]
@@ -282,7 +284,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
             model.append_memory(memory, banks, o)
         if world > 1:  # average gradients (and the loss, for the log) over workers
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([step_loss])])
+            loss_t = torch.tensor([step_loss], device=device)
+            flat = torch.cat([g.flatten() for g in grads] + [loss_t])
             dist.all_reduce(flat)
             flat /= world
             for p, g in zip(params, flat[:-1].split([p.numel() for p in params]), strict=True):
