@@ -121,18 +121,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    def phase(name: str, t: float) -> None:
-        phases[name] = time.perf_counter() - t
-        print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {phases[name]:.1f}s", flush=True)
+    def phase(name: str, seconds: float, detail: str = "") -> None:
+        phases[name] = seconds
+        print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {seconds:.1f}s {detail}", flush=True)
 
     t = time.perf_counter()
     service = start_service(shards=args.shards)
-    phase(f"memory service up at {service.address} ({args.shards} shards)", t)
+    phase("memory service", time.perf_counter() - t, f"({args.shards} shards, {service.address})")
     try:
         t = time.perf_counter()
         model, tokenizer = load_model(args.backbone, args.checkpoint)
         model.eval()
-        phase(f"backbone {model.backbone_name} loaded", t)
+        phase("backbone", time.perf_counter() - t, model.backbone_name)
         checkpoint = args.checkpoint
         if checkpoint is None:
             t = time.perf_counter()
@@ -145,9 +145,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             model.load_checkpoint(args.out)
             checkpoint = args.out
             phase(
-                f"SideNet adapted on the Python stdlib: {s['steps']} steps, {s['tokens']} "
-                f"tokens, loss {s['first_loss']:.2f} -> {s['final_loss']:.2f}",
-                t,
+                "training", time.perf_counter() - t,
+                f"(SideNet on the Python stdlib: {s['steps']} steps, {s['tokens']} tokens, "
+                f"loss {s['first_loss']:.2f} -> {s['final_loss']:.2f}, "
+                f"{s['memory_seconds']:.1f}s in memory calls)",
             )
         ecfg = EvalConfig(
             checkpoint=checkpoint, segment_len=args.segment_len, docs=args.docs,
@@ -161,18 +162,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         finally:
             client.close()
         for name, seconds in result["seconds"].items():
-            phases[name] = seconds
-            print(f"[{time.perf_counter() - t0:6.1f}s] {name}: {seconds:.1f}s", flush=True)
+            phase(name, seconds)
     finally:
         service.stop()
     total = time.perf_counter() - t0
     print()
     print(format_table(result["rows"]))
     print()
-    print(f"{'phase':<72} {'seconds':>8}")
+    print(f"{'phase':<16} {'seconds':>8}")
     for name, seconds in phases.items():
-        print(f"{name:<72} {seconds:>8.1f}")
-    print(f"{'total':<72} {total:>8.1f}")
+        print(f"{name:<16} {seconds:>8.1f}")
+    print(f"{'total':<16} {total:>8.1f}")
     result["phases"], result["total_seconds"] = phases, total
     out = Path(args.out) / "demo.json"
     out.write_text(json.dumps(result, indent=2))
@@ -241,7 +241,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    _add_eval_args(p, docs=2, segments=6, distances="128,1000,10000,100000", trials=2)
+    _add_eval_args(p, docs=2, segments=6, distances="100,1000,10000,100000", trials=4)
     p.set_defaults(run=cmd_demo)
 
 

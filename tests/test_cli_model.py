@@ -133,7 +133,7 @@ def test_demo_runs_end_to_end_on_the_embedded_service(assets, tmp_path):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("memory service up", "SideNet adapted", "perplexity", "passkey @ 300",
+    for line in ("memory service", "training", "perplexity", "passkey @ 300",
                  "backbone alone", "total"):
         assert line in proc.stdout, line
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
