@@ -23,6 +23,8 @@ from memory_service import cli as service_cli
 from memory_service.tenancy import DEFAULT_API_KEY
 from model_worker.backbone import DEFAULT_BACKBONE
 
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+
 
 def _ints(text: str) -> list[int]:
     return [int(x.replace("_", "")) for x in text.split(",") if x]
@@ -88,7 +90,7 @@ def _add_eval_args(p: argparse.ArgumentParser, docs: int, segments: int, distanc
     p.add_argument("--segments", type=int, default=segments, help="segments per document")
     p.add_argument(
         "--passkey-distances", type=_ints, default=_ints(distances),
-        help=f"comma-separated distances in tokens (default {distances})",
+        help="comma-separated distances in tokens",
     )
     p.add_argument("--passkey-trials", type=int, default=trials)
 
@@ -182,7 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     """`longmem train`, `eval`, `generate` and `demo`."""
-    p = sub.add_parser("train", help="memory-augmented adaptation of the SideNet")
+    p = sub.add_parser(
+        "train", help="memory-augmented adaptation of the SideNet", formatter_class=DEFAULTS
+    )
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="local path or hub id")
     p.add_argument("--data", default=None, help="folder of text documents (default: stdlib)")
     p.add_argument("--out", default="runs/longmem", help="checkpoint folder")
@@ -196,7 +200,9 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     _add_sidenet(p)
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("eval", help="perplexity, passkey and ICL with memory on and off")
+    p = sub.add_parser(
+        "eval", help="perplexity, passkey and ICL with memory on and off", formatter_class=DEFAULTS
+    )
     p.add_argument("--backbone", default=None, help="default: the checkpoint's, or SmolLM2")
     p.add_argument("--checkpoint", default=None, help="a folder written by longmem train")
     p.add_argument("--data", default=None, help="perplexity documents (default: stdlib eval split)")
@@ -215,7 +221,11 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     _add_sidenet(p)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser("generate", help="read a document into a bank, then generate with memory")
+    p = sub.add_parser(
+        "generate",
+        help="read a document into a bank, then generate with memory",
+        formatter_class=DEFAULTS,
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--document", default=None, help="text file read into the bank first")
     p.add_argument("--bank", default="document", help="bank name (of your tenant)")
@@ -230,17 +240,21 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     _add_memory(p)
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser("demo", help="the main job: adapt briefly, then evaluate memory on/off")
+    p = sub.add_parser(
+        "demo",
+        help="the main job: adapt briefly, then evaluate memory on/off",
+        formatter_class=DEFAULTS,
+    )
     p.add_argument("--backbone", default=None, help="default SmolLM2 (or the checkpoint's)")
     p.add_argument("--checkpoint", default=None, help="skip training, evaluate this one")
     p.add_argument("--out", default="runs/demo", help="checkpoint and demo.json folder")
-    p.add_argument("--shards", type=int, default=2)
-    p.add_argument("--segment-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=2, help="shards of the embedded service")
+    p.add_argument("--segment-len", type=int, default=256, help="tokens per segment")
+    p.add_argument("--steps", type=int, default=100, help="training steps")
+    p.add_argument("--batch-size", type=int, default=1, help="streams")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps")
+    p.add_argument("--seed", type=int, default=0, help="passkey keys")
     _add_eval_args(p, docs=2, segments=6, distances="100,1000,10000,100000", trials=4)
     p.set_defaults(run=cmd_demo)
 
