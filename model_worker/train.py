@@ -191,6 +191,7 @@ def save_training_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private
     try:
         model.save_checkpoint(tmp)
         torch.save(opt.state_dict(), tmp / OPTIMIZER_STATE)
