@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from memory_service.tenancy import DEFAULT_API_KEY
 from model_worker.data import Corpus, DataError, Document, encode
@@ -115,7 +116,8 @@ def eval_perplexity(
     for doc in docs:
         open_bank(memory, model, bank, cfg.memory_tokens)
         held = 0
-        for s in range(min(cfg.segments, (len(doc.tokens) - 1) // seg)):
+        n_seg = min(cfg.segments, (len(doc.tokens) - 1) // seg)
+        for s in tqdm(range(n_seg), desc=f"perplexity {doc.name}", leave=False, unit="seg"):
             chunk = doc.tokens[s * seg : s * seg + seg + 1].to(device)  # (T + 1,)
             *logits, k, v = three_logits(model, chunk[None, :-1], [bank], memory)
             for name, lg in zip(nll, logits, strict=True):
@@ -200,7 +202,7 @@ def eval_passkey(cfg: EvalConfig, model: LongMemModel, memory, tokenizer) -> lis
     for distance in cfg.passkey_distances:
         correct = {"memory on": 0, "memory off": 0, "backbone alone": 0}
         held = window_len = 0
-        for _ in range(cfg.passkey_trials):
+        for _ in tqdm(range(cfg.passkey_trials), desc=f"passkey @ {distance}", leave=False):
             trial = passkey_trial(tokenizer, str(rng.randint(10000, 99999)), distance, seg)
             held = trial.window_start
             capacity = max(held, seg)
@@ -284,7 +286,7 @@ def eval_icl(cfg: EvalConfig, model: LongMemModel, memory, tokenizer) -> list[di
         label_ids = [encode(tokenizer, " " + w)[0] for w in labels]
         correct = {"memory on": 0, "memory off": 0}
         window_tokens = 0
-        for x, y in test:
+        for x, y in tqdm(test, desc=f"icl {task}", leave=False):
             ids = encode(tokenizer, shots + f"{x_field}: {x}\n{y_field}:")[-cfg.segment_len :]
             window_tokens += len(ids)
             ids_t = torch.tensor(ids, device=device)[None]
