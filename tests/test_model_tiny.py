@@ -50,6 +50,15 @@ def tiny_model(config, seed: int = 0, **sidenet) -> LongMemModel:
 FAMILIES = {"llama": llama_config, "gpt2": gpt2_config}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and robust to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=list(FAMILIES))
 def model(request) -> LongMemModel:
     return tiny_model(FAMILIES[request.param]())
