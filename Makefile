@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/longmem memory-demo
+	$(VENV)/bin/longmem demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 
 import ray
 import torch
@@ -44,11 +45,13 @@ log = logging.getLogger("longmem.actors")
 SHARD_MEMORY = 64 << 20  # nominal bundle size when shards take no GPU
 CALL_TIMEOUT_S = 120.0  # a shard slower than this counts as unavailable
 HEALTH_EVERY_S = 0.5  # how often the engine pings its shards
-NAMESPACE = "longmem"  # coordinators are named actors here: "coordinator-<service name>"
+NAMESPACE = "longmem"  # named actors: "coordinator-<service>", "shard-<service>-<index>"
 PLACEMENT_TIMEOUT_S = 120.0
 # torch tensors cross actor boundaries through shared memory, not pickled copies (10x faster
 # for a search's chunk table)
 ACTOR_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+# such tensors arrive read-only; the service only ever reads them
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 def get_all(refs: dict[int, ray.ObjectRef], what: str, partial: bool = False) -> dict[int, object]:
@@ -118,7 +121,8 @@ class ShardActor(Shard):
 class CoordinatorActor(Catalog):
     """The catalog in its own process: bank metadata, stream positions, the shard map."""
 
-    def __init__(self, shards: list, snapshot_dir: str | None):
+    def __init__(self, shard_names: list[str], snapshot_dir: str | None):
+        shards = [ray.get_actor(n, namespace=NAMESPACE) for n in shard_names]
         super().__init__(len(shards), call_shards(shards), snapshot_dir)
         self.address: str | None = None
 
@@ -164,8 +168,11 @@ class RayEngine:
                 f"cannot place {n_shards} shards with {bundle} each on this cluster "
                 f"({ray.cluster_resources()}); lower --shards or --gpus-per-shard"
             ) from None
+        shard_names = [f"shard-{name}-{i}" for i in range(n_shards)]
         self.shards = [
             ShardActor.options(
+                name=shard_names[i],
+                namespace=NAMESPACE,
                 num_cpus=0,
                 num_gpus=gpus_per_shard,
                 memory=None if gpus_per_shard else SHARD_MEMORY,
@@ -183,7 +190,7 @@ class RayEngine:
             max_restarts=-1,
             runtime_env=ACTOR_ENV,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(self.shards, snapshot_dir)
+        ).remote(shard_names, snapshot_dir)
         self._call = call_shards(self.shards)
         shard_map = self.shard_map()
         self.devices = [d["device"] for d in shard_map]

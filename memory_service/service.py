@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -47,6 +48,8 @@ def start_service(
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     if not ray.is_initialized():
+        # the embedded Ray serves this process alone, on loopback: no token authentication
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
             address=ray_address,
             include_dashboard=False,
