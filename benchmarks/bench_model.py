@@ -34,7 +34,8 @@ def sync(device: str) -> None:
 
 
 def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up run."""
+    """Best (minimum) seconds of fn() over `repeats` runs after one warm-up run: the least
+    disturbed by other processes on a shared machine."""
     fn()
     times = []
     for _ in range(repeats):
@@ -43,7 +44,7 @@ def timed(fn, repeats: int, device: str) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def main() -> None:
