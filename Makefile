@@ -31,6 +31,8 @@ protos: setup
 
 bench: setup
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_shards.py
+	$(PY) benchmarks/bench_model.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

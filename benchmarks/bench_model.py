@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memory_service.client import InProcessClient
+from memory_service.client import InProcessClient, MemoryClient
+from memory_service.service import start_service
 from model_worker.model import LongMemModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-tokens", type=int, default=4096)
+    ap.add_argument("--shards", type=int, default=2, help="shards of the gRPC service")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--out", default="benchmarks/results/bench_model.json")
@@ -67,14 +69,19 @@ def main() -> None:
     ids = torch.randint(0, vocab, (B, T), generator=g).to(dev)
     streams = [f"bench-{b}" for b in range(B)]
 
-    mem = InProcessClient()
-    model.create_banks(mem, streams, capacity_tokens=max(65536, 2 * args.memory_tokens))
+    service = start_service(shards=args.shards)
+    memories = {"in-process": InProcessClient(), "gRPC": MemoryClient(service.address)}
+    scratch = "bench-scratch"
+    for memory in memories.values():
+        capacity = max(65536, 2 * args.memory_tokens)
+        model.create_banks(memory, [*streams, scratch], capacity_tokens=capacity)
     with torch.no_grad():
         for _ in range(args.memory_tokens // T):
             fill = torch.randint(0, vocab, (B, T), generator=g).to(dev)
             bb = model.backbone(fill)
             for b, s in enumerate(streams):
-                mem.append(s, bb.keys[b].cpu(), bb.values[b].cpu())
+                for memory in memories.values():
+                    memory.append(s, bb.keys[b].cpu(), bb.values[b].cpu())
 
     def backbone_forward():
         model.backbone(ids)
@@ -86,15 +93,18 @@ def main() -> None:
         loss.backward()
         opt.step()
         if memory is not None:  # keep the bank size fixed: append to a scratch stream
-            mem.append(scratch, out.keys[0].detach().cpu(), out.values[0].detach().cpu())
+            memory.append(scratch, out.keys[0].detach().cpu(), out.values[0].detach().cpu())
 
-    scratch = "bench-scratch"
-    model.create_banks(mem, [scratch])
     rows = [
         ("backbone forward", timed(backbone_forward, args.repeats, dev)),
         ("sidenet step, no memory", timed(lambda: step(None), args.repeats, dev)),
-        ("sidenet step, in-process memory", timed(lambda: step(mem), args.repeats, dev)),
+        *[
+            (f"sidenet step, {name} memory", timed(lambda m=m: step(m), args.repeats, dev))
+            for name, m in memories.items()
+        ],
     ]
+    memories["gRPC"].close()
+    service.stop()
     base = rows[0][1]
     result = {
         "backbone": model.backbone_name, "device": dev, "dtype": args.dtype,
