@@ -18,10 +18,12 @@ is down fail with `errors.Unavailable` naming it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 
 import ray
 import torch
@@ -38,7 +40,7 @@ from memory_service.engine import check_search
 from memory_service.errors import InvalidArgument, ServiceError, Unavailable
 from memory_service.search import CompactResult, sharded_search
 from memory_service.shard import Shard
-from memory_service.tenancy import Tenant
+from memory_service.tenancy import Tenant, TenantTable
 
 log = logging.getLogger("longmem.actors")
 
@@ -91,11 +93,24 @@ class ShardActor(Shard):
     make a healthy shard look dead.
     """
 
-    def __init__(self, index: int, n_shards: int, snapshot_dir: str | None):
+    def __init__(
+        self,
+        index: int,
+        n_shards: int,
+        snapshot_dir: str | None,
+        endpoint: ShardEndpoint | None = None,
+    ):
         # Ray limits an actor that claims no CPU to one thread; a search wants the node's cores
         torch.set_num_threads(os.cpu_count() or 1)
         super().__init__(index, n_shards, "cuda" if torch.cuda.is_available() else "cpu")
         self.restored = bool(snapshot_dir) and self.load_snapshot(snapshot_dir)
+        self.endpoint = None
+        if endpoint is not None:  # the whole API, served from this shard's node too
+            from memory_service.server import advertised, start_server
+
+            engine = RayEngine(endpoint.service, n_shards, endpoint.allow_partial)
+            self.server, address = start_server(engine, endpoint.tenants, endpoint.host, 0)
+            self.endpoint = advertised(address)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> bool:
@@ -112,6 +127,7 @@ class ShardActor(Shard):
             "node_id": ctx.get_node_id(),
             "node_address": ray.util.get_node_ip_address(),
             "device": self.device,
+            "endpoint": self.endpoint or "",
             "banks": len(self.stores),
             "restored_from_snapshot": self.restored,
         }
@@ -140,90 +156,39 @@ class CoordinatorActor(Catalog):
         return [found.get(s, {"index": s, "unavailable": True}) for s in range(self.n_shards)]
 
 
-class RayEngine:
-    """The memory service on Ray: `n_shards` shard actors and one coordinator actor."""
+@dataclass(frozen=True)
+class ShardEndpoint:
+    """Asks every shard to serve the whole gRPC API on its own node as well."""
 
-    def __init__(
-        self,
-        n_shards: int,
-        gpus_per_shard: float | None = None,
-        placement: str = "spread",
-        snapshot_dir: str | None = None,
-        allow_partial: bool = False,
-        snapshot_every_s: float = 0.0,
-        name: str = "default",
-    ):
-        if placement not in ("spread", "pack"):
-            raise InvalidArgument(f"placement must be 'spread' or 'pack', got {placement!r}")
-        if gpus_per_shard is None:
-            gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
-        self.n_shards, self.allow_partial, self.snapshot_dir = n_shards, allow_partial, snapshot_dir
-        bundle = {"GPU": gpus_per_shard} if gpus_per_shard else {"memory": SHARD_MEMORY}
-        self.placement_group = placement_group([bundle] * n_shards, strategy=placement.upper())
-        try:
-            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
-        except GetTimeoutError:
-            remove_placement_group(self.placement_group)
-            raise InvalidArgument(
-                f"cannot place {n_shards} shards with {bundle} each on this cluster "
-                f"({ray.cluster_resources()}); lower --shards or --gpus-per-shard"
-            ) from None
-        shard_names = [f"shard-{name}-{i}" for i in range(n_shards)]
-        self.shards = [
-            ShardActor.options(
-                name=shard_names[i],
-                namespace=NAMESPACE,
-                num_cpus=0,
-                num_gpus=gpus_per_shard,
-                memory=None if gpus_per_shard else SHARD_MEMORY,
-                max_restarts=-1,
-                runtime_env=ACTOR_ENV,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-            ).remote(i, n_shards, snapshot_dir)
-            for i in range(n_shards)
-        ]
-        here = ray.get_runtime_context().get_node_id()  # the coordinator stays with the server
-        self.coordinator = CoordinatorActor.options(
-            name=f"coordinator-{name}",
-            namespace=NAMESPACE,
-            num_cpus=0,
-            max_restarts=-1,
-            runtime_env=ACTOR_ENV,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(shard_names, snapshot_dir)
-        self._call = call_shards(self.shards)
-        shard_map = self.shard_map()
-        self.devices = [d["device"] for d in shard_map]
-        nodes = [d["node_id"] for d in shard_map]
-        share = zip(self.shards, nodes, strict=True)
-        ray.get([s.share_cores.remote(nodes.count(n)) for s, n in share])
-        self._stop = threading.Event()
-        self.down: set[int] = set()  # shards that missed their last ping
-        threading.Thread(target=self._health_loop, daemon=True).start()
-        if snapshot_dir and snapshot_every_s > 0:
-            threading.Thread(
-                target=self._snapshot_loop, args=(snapshot_every_s,), daemon=True
-            ).start()
+    host: str  # address to bind, e.g. 0.0.0.0 to be reachable from other nodes
+    tenants: TenantTable
+    service: str
+    allow_partial: bool = False
+
+
+class RayEngine:
+    """The service's operations over its Ray actors, which it finds by name: the catalog in
+    the coordinator; searches straight to the shards. Any process in the cluster can hold
+    one (the front-door server, a shard's own endpoint)."""
+
+    def __init__(self, name: str, n_shards: int, allow_partial: bool = False):
+        self.name, self.n_shards, self.allow_partial = name, n_shards, allow_partial
+        self.down: set[int] = set()  # shards known to be down (see RayDeployment)
+
+    @functools.cached_property
+    def coordinator(self) -> ray.actor.ActorHandle:
+        return ray.get_actor(f"coordinator-{self.name}", namespace=NAMESPACE)
+
+    @functools.cached_property
+    def shards(self) -> list[ray.actor.ActorHandle]:
+        names = [f"shard-{self.name}-{i}" for i in range(self.n_shards)]
+        return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+
+    def _call(self, method: str, args: dict[int, tuple], partial: bool = False) -> dict:
+        return call_shards(self.shards)(method, args, partial)
 
     def _coordinator(self, method: str, *args):
         return get_all({0: getattr(self.coordinator, method).remote(*args)}, "coordinator")[0]
-
-    def _health_loop(self) -> None:
-        """Ping every shard; a shard that does not answer in time is `down` until it does."""
-        while not self._stop.wait(HEALTH_EVERY_S):
-            pings = {s: shard.ping.remote() for s, shard in enumerate(self.shards)}
-            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=2.0)
-            down = set()
-            for s, ref in pings.items():
-                try:
-                    if ref not in ready:
-                        raise GetTimeoutError
-                    ray.get(ref)
-                except (RayActorError, GetTimeoutError):
-                    down.add(s)
-            if down != self.down:
-                log.warning("shards down: %s", sorted(down) or "none")
-            self.down = down
 
     def _search_call(self, method: str, args: dict[int, tuple], partial: bool = False) -> dict:
         """Shard calls for a search: shards known to be down fail fast (or, when partial
@@ -234,13 +199,6 @@ class RayEngine:
                 f"shard {min(down)} is unavailable (restarting, or its node is gone); retry shortly"
             )
         return self._call(method, {s: a for s, a in args.items() if s not in down}, partial)
-
-    def _snapshot_loop(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
-            try:
-                self.snapshot()
-            except ServiceError as e:
-                log.warning("periodic snapshot failed: %s", e.message)
 
     def shard_map(self) -> list[dict]:
         return self._coordinator("shard_map")
@@ -284,6 +242,99 @@ class RayEngine:
             top_k,
             self.allow_partial,
         )
+
+
+class RayDeployment(RayEngine):
+    """Launches the service's actors and looks after them: `n_shards` shard actors in a
+    placement group and a coordinator; a health loop (searches fail fast while a shard is
+    down) and periodic snapshots. `shard_endpoint` makes every shard serve the gRPC API on
+    its own node as well (their addresses are in the shard map)."""
+
+    def __init__(
+        self,
+        n_shards: int,
+        gpus_per_shard: float | None = None,
+        placement: str = "spread",
+        snapshot_dir: str | None = None,
+        allow_partial: bool = False,
+        snapshot_every_s: float = 0.0,
+        name: str = "default",
+        shard_endpoint: ShardEndpoint | None = None,
+    ):
+        if placement not in ("spread", "pack"):
+            raise InvalidArgument(f"placement must be 'spread' or 'pack', got {placement!r}")
+        if gpus_per_shard is None:
+            gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
+        super().__init__(name, n_shards, allow_partial)
+        self.snapshot_dir = snapshot_dir
+        bundle = {"GPU": gpus_per_shard} if gpus_per_shard else {"memory": SHARD_MEMORY}
+        self.placement_group = placement_group([bundle] * n_shards, strategy=placement.upper())
+        try:
+            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise InvalidArgument(
+                f"cannot place {n_shards} shards with {bundle} each on this cluster "
+                f"({ray.cluster_resources()}); lower --shards or --gpus-per-shard"
+            ) from None
+        shard_names = [f"shard-{name}-{i}" for i in range(n_shards)]
+        self.shards = [
+            ShardActor.options(
+                name=shard_names[i],
+                namespace=NAMESPACE,
+                num_cpus=0,
+                num_gpus=gpus_per_shard,
+                memory=None if gpus_per_shard else SHARD_MEMORY,
+                max_restarts=-1,
+                runtime_env=ACTOR_ENV,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+            ).remote(i, n_shards, snapshot_dir, shard_endpoint)
+            for i in range(n_shards)
+        ]
+        here = ray.get_runtime_context().get_node_id()  # the coordinator stays with the server
+        self.coordinator = CoordinatorActor.options(
+            name=f"coordinator-{name}",
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_restarts=-1,
+            runtime_env=ACTOR_ENV,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        ).remote(shard_names, snapshot_dir)
+        shard_map = self.shard_map()
+        self.devices = [d["device"] for d in shard_map]
+        nodes = [d["node_id"] for d in shard_map]
+        share = zip(self.shards, nodes, strict=True)
+        ray.get([s.share_cores.remote(nodes.count(n)) for s, n in share])
+        self._stop = threading.Event()
+        threading.Thread(target=self._health_loop, daemon=True).start()
+        if snapshot_dir and snapshot_every_s > 0:
+            threading.Thread(
+                target=self._snapshot_loop, args=(snapshot_every_s,), daemon=True
+            ).start()
+
+    def _health_loop(self) -> None:
+        """Ping every shard; a shard that does not answer in time is `down` until it does."""
+        while not self._stop.wait(HEALTH_EVERY_S):
+            pings = {s: shard.ping.remote() for s, shard in enumerate(self.shards)}
+            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=2.0)
+            down = set()
+            for s, ref in pings.items():
+                try:
+                    if ref not in ready:
+                        raise GetTimeoutError
+                    ray.get(ref)
+                except (RayActorError, GetTimeoutError):
+                    down.add(s)
+            if down != self.down:
+                log.warning("shards down: %s", sorted(down) or "none")
+            self.down = down
+
+    def _snapshot_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.snapshot()
+            except ServiceError as e:
+                log.warning("periodic snapshot failed: %s", e.message)
 
     def shutdown(self) -> None:
         """Stop the actors, saving a last snapshot first when there is a snapshot dir."""

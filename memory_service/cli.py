@@ -36,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         snapshot_every_s=args.snapshot_every,
         allow_partial=args.allow_partial,
         name=args.name,
+        shard_endpoints=args.shard_endpoints,
     )
     devices = ", ".join(service.engine.devices)
     print(
@@ -154,6 +155,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--name",
         default="default",
         help="service name on the Ray cluster; workers find it with find_service(name)",
+    )
+    serve.add_argument(
+        "--shard-endpoints",
+        action="store_true",
+        help="every shard also serves the API on its own node (bound to --host); "
+        "the shard map lists their addresses",
     )
     serve.set_defaults(run=cmd_serve)
 

@@ -190,6 +190,7 @@ class MemoryClient:
             "node_id",
             "node_address",
             "device",
+            "endpoint",
             "banks",
             "restored_from_snapshot",
         )

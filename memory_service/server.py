@@ -184,6 +184,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         return self._run(context, False, describe)
 
 
+def advertised(address: str) -> str:
+    """The address others should dial: a wildcard bind is replaced by this node's IP."""
+    host, port = address.rsplit(":", 1)
+    if host in ("0.0.0.0", "::", "[::]"):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
+
+
 def start_server(
     engine,
     tenants: TenantTable,

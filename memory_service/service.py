@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import grpc
 import ray
 
-from memory_service.actors import RayEngine
-from memory_service.server import MAX_MESSAGE_BYTES, start_server
+from memory_service.actors import RayDeployment, ShardEndpoint
+from memory_service.server import MAX_MESSAGE_BYTES, advertised, start_server
 from memory_service.tenancy import TenantTable
 
 
 @dataclass
 class Service:
-    engine: RayEngine
+    engine: RayDeployment
     server: grpc.Server
     address: str  # host:port the gRPC server listens on
 
@@ -37,11 +37,14 @@ def start_service(
     snapshot_every_s: float = 0.0,
     allow_partial: bool = False,
     name: str = "default",
+    shard_endpoints: bool = False,
 ) -> Service:
     """Start shard and coordinator actors (joining `ray_address`, or an embedded local Ray
     when Ray is not running yet) and a gRPC server on host:port (0: a free port).
 
     `name` identifies the service on the Ray cluster (`actors.find_service(name)`).
+    `shard_endpoints`: every shard also serves the whole API on its own node (bound to
+    `host`), so clients can spread over them; the shard map lists their addresses.
     `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
     (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop).
     """
@@ -56,17 +59,23 @@ def start_service(
             log_to_driver=False,
             logging_level="WARNING",
         )
-    engine = RayEngine(
-        shards, gpus_per_shard, placement, snapshot_dir, allow_partial, snapshot_every_s, name
+    tenants = tenants or TenantTable.single()
+    endpoint = ShardEndpoint(host, tenants, name, allow_partial) if shard_endpoints else None
+    engine = RayDeployment(
+        shards,
+        gpus_per_shard,
+        placement,
+        snapshot_dir,
+        allow_partial,
+        snapshot_every_s,
+        name,
+        endpoint,
     )
     try:
-        server, address = start_server(
-            engine, tenants or TenantTable.single(), host, port, max_message_bytes
-        )
+        server, address = start_server(engine, tenants, host, port, max_message_bytes)
     except Exception:
         engine.shutdown()
         raise
-    if host in ("0.0.0.0", "::", "[::]"):  # advertise the node's address, not the wildcard
-        address = f"{ray.util.get_node_ip_address()}:{address.rsplit(':', 1)[1]}"
+    address = advertised(address)
     engine.set_endpoint(address)
     return Service(engine, server, address)

@@ -28,7 +28,10 @@ TENANTS = TenantTable(
 @pytest.fixture(scope="module")
 def services(ray_local):
     """Two services on the same Ray: 1 shard and 3 shards."""
-    started = {n: start_service(shards=n, tenants=TENANTS, name=f"test-{n}") for n in (1, 3)}
+    started = {
+        n: start_service(shards=n, tenants=TENANTS, name=f"test-{n}", shard_endpoints=n == 3)
+        for n in (1, 3)
+    }
     yield started
     for s in started.values():
         s.stop()
@@ -152,6 +155,32 @@ def test_workers_find_the_service_through_the_coordinator(services):
     assert find_service("test-3") == services[3].address
     with pytest.raises(Unavailable, match="no longmem memory service 'nope'"):
         find_service("nope")
+
+
+def test_every_shard_endpoint_serves_the_api(services):
+    """With shard endpoints, each shard's node answers like the front door (same auth)."""
+    front = MemoryClient(services[3].address, ALICE)
+    keys, _ = fill(front, "everywhere", 777, seed=4)
+    queries = torch.randn(1, 9, 9, 64)
+    expected = front.search(["everywhere"], queries, 8)
+    shard_map = front.shard_map()
+    assert [s["index"] for s in shard_map] == [0, 1, 2]
+    endpoints = {s["endpoint"] for s in shard_map}
+    assert len(endpoints) == 3 and services[3].address not in endpoints
+    for address in endpoints:
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        via_shard = MemoryClient(address, ALICE)
+        assert_same(expected, via_shard.search(["everywhere"], queries, 8))
+        with pytest.raises(NotFound):
+            MemoryClient(address, BOB).describe_bank("everywhere")
+        via_shard.close()
+    via_shard = MemoryClient(min(endpoints), ALICE)
+    via_shard.append("everywhere", keys[:3], keys[:3])  # writes go through the catalog too
+    assert front.describe_bank("everywhere")["size_tokens"] == 780
+    via_shard.close()
+    front.delete_bank("everywhere")
+    front.close()
 
 
 def test_health_and_reflection(services):

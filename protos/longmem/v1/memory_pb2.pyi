@@ -193,7 +193,7 @@ class DescribeServiceRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("index", "available", "node_id", "node_address", "device", "banks", "restored_from_snapshot")
+    __slots__ = ("index", "available", "node_id", "node_address", "device", "banks", "restored_from_snapshot", "endpoint")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class ShardInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BANKS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     index: int
     available: bool
     node_id: str
@@ -208,7 +209,8 @@ class ShardInfo(_message.Message):
     device: str
     banks: int
     restored_from_snapshot: bool
-    def __init__(self, index: _Optional[int] = ..., available: _Optional[bool] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., device: _Optional[str] = ..., banks: _Optional[int] = ..., restored_from_snapshot: _Optional[bool] = ...) -> None: ...
+    endpoint: str
+    def __init__(self, index: _Optional[int] = ..., available: _Optional[bool] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., device: _Optional[str] = ..., banks: _Optional[int] = ..., restored_from_snapshot: _Optional[bool] = ..., endpoint: _Optional[str] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("shards",)
