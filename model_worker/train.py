@@ -332,9 +332,13 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
 def _ray_train_loop(config: dict) -> None:
     import ray.train
 
+    from memory_service.actors import find_service
+
     ctx = ray.train.get_context()
     cfg = TrainConfig(**config["cfg"])
-    train_worker(cfg, config["address"], ctx.get_world_rank(), ctx.get_world_size())
+    # --memory names the service; else the one on this Ray cluster, found via its coordinator
+    address = cfg.memory or find_service()
+    train_worker(cfg, address, ctx.get_world_rank(), ctx.get_world_size())
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -347,10 +351,10 @@ def train(cfg: TrainConfig) -> dict:
     with memory_service(cfg.memory, cfg.api_key, cfg.shards) as address:
         if cfg.workers == 1:
             return train_worker(cfg, address)
-        return _train_ray(cfg, address)
+        return _train_ray(cfg)
 
 
-def _train_ray(cfg: TrainConfig, address: str) -> dict:
+def _train_ray(cfg: TrainConfig) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -361,7 +365,7 @@ def _train_ray(cfg: TrainConfig, address: str) -> dict:
     storage = tempfile.mkdtemp(prefix="longmem-raytrain-")
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"cfg": asdict(cfg), "address": address},
+        train_loop_config={"cfg": asdict(cfg)},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}
         ),
