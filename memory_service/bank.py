@@ -200,9 +200,11 @@ class Chunker:
 class ChunkStore:
     """The chunks of one bank that live on shard `shard` of `n_shards`, on `device`.
 
-    A ring buffer of `ceil(capacity_chunks / n_shards)` slots, allocated as it fills. Chunk
-    `g` sits in slot `(g // n_shards) % slots`; two live chunks never share a slot because
-    live ids span fewer than `capacity_chunks` consecutive ids.
+    A ring buffer of `ceil(capacity_chunks / n_shards)` slots. Chunk `g` sits in slot
+    `(g // n_shards) % slots`; two live chunks never share a slot because live ids span fewer
+    than `capacity_chunks` consecutive ids. The buffers are reserved whole and never copied to
+    grow (on the CPU, pages become resident only as slots are written; on a GPU the bank's
+    full capacity is taken up front, like a KV cache). Only slots `[0, used)` are ever read.
     """
 
     def __init__(self, spec: BankSpec, shard: int = 0, n_shards: int = 1, device: str = "cpu"):
@@ -213,17 +215,13 @@ class ChunkStore:
 
     def reset(self) -> None:
         H, D, csz = self.spec.kv_heads, self.spec.head_dim, self.spec.chunk_size
-        kw = {"device": self.device}
-        self.keys = torch.zeros(H, 0, csz, D, dtype=self.spec.torch_dtype, **kw)  # (H, S, csz, D)
-        self.values = torch.zeros_like(self.keys)
-        self.means = torch.zeros(H, 0, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
-        self.ids = torch.full((0,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
+        S, kw = self.slots, {"device": self.device}
+        self.keys = torch.empty(H, S, csz, D, dtype=self.spec.torch_dtype, **kw)  # (H, S, csz, D)
+        self.values = torch.empty_like(self.keys)
+        self.means = torch.empty(H, S, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
+        self.ids = torch.full((S,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
         self.used = 0  # slots [0, used) have been written; the rest were never filled
         self.oldest_live_id = 0
-
-    @property
-    def allocated(self) -> int:
-        return self.ids.shape[0]
 
     def evict_below(self, oldest_live_id: int) -> None:
         """Drop chunks older than the id (the catalog's FIFO mark; it only moves forward)."""
@@ -245,9 +243,11 @@ class ChunkStore:
     @classmethod
     def from_state(cls, state: dict, device: str = "cpu") -> ChunkStore:
         store = cls(BankSpec(**state["spec"]), state["shard"], state["n_shards"], device)
-        store.keys, store.values = state["keys"].to(device), state["values"].to(device)
-        store.means, store.ids = state["means"].to(device), state["ids"].to(device)
-        store.used, store.oldest_live_id = state["used"], state["oldest_live_id"]
+        used = store.used = state["used"]
+        for k in ("keys", "values", "means"):
+            getattr(store, k)[:, :used] = state[k].to(device)
+        store.ids[:used] = state["ids"].to(device)
+        store.oldest_live_id = state["oldest_live_id"]
         return store
 
     @property
@@ -261,18 +261,8 @@ class ChunkStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.means))
-
-    def _grow(self, needed: int) -> None:
-        size = min(self.slots, max(needed, 2 * self.allocated, 64))
-        extra = size - self.allocated
-        H, D, csz = self.spec.kv_heads, self.spec.head_dim, self.spec.chunk_size
-        kw = {"device": self.device}
-        pad = torch.zeros(H, extra, csz, D, dtype=self.spec.torch_dtype, **kw)
-        self.keys = torch.cat([self.keys, pad], 1)
-        self.values = torch.cat([self.values, pad], 1)
-        self.means = torch.cat([self.means, torch.zeros(H, extra, D, **kw)], 1)
-        self.ids = torch.cat([self.ids, torch.full((extra,), -1, dtype=torch.int64, **kw)])
+        """Bytes of keys, values and search keys in the slots written so far."""
+        return self.used * self.spec.chunk_size * round(self.spec.bytes_per_token)
 
     def add(
         self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, oldest_live_id: int
@@ -285,10 +275,7 @@ class ChunkStore:
         self.evict_below(oldest_live_id)
         if ids.numel() == 0:
             return
-        slots = (ids // self.n_shards) % self.slots
-        if int(slots.max()) >= self.allocated:
-            self._grow(int(slots.max()) + 1)
-        slots = slots.to(self.device)
+        slots = ((ids // self.n_shards) % self.slots).to(self.device)
         keys = keys.to(self.device).permute(2, 0, 1, 3)  # (H, c, csz, D)
         self.keys[:, slots] = keys
         self.values[:, slots] = values.to(self.device).permute(2, 0, 1, 3)
@@ -336,7 +323,7 @@ class ChunkStore:
         slots = (ids // self.n_shards) % self.slots
         if ids.numel() and (
             bool((ids % self.n_shards != self.shard).any())
-            or int(slots.max()) >= self.allocated
+            or int(slots.max()) >= self.used
             or bool((self.ids[slots] != ids).any())
             or int(ids.min()) < self.oldest_live_id
         ):
