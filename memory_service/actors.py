@@ -1,8 +1,10 @@
 """Ray actors: shards hold the banks' chunks, a coordinator holds the catalog.
 
-`RayEngine` gives the server the same methods as `engine.LocalEngine`: catalog calls go to
-the coordinator actor; a search resolves its banks there, then talks to the shards
+`RayEngine` gives a gRPC server the same methods as `engine.LocalEngine`: catalog calls go
+to the coordinator actor; a search resolves its banks there, then talks to the shards
 directly (every shard searches, the engine merges and gathers: `search.sharded_search`).
+It finds the actors by name, so any process in the cluster can hold one. `RayDeployment`
+launches the actors and looks after them (health checks, snapshots, shutdown).
 
 Placement: the shards are one Ray placement group, one bundle each, spread over the nodes
 (`placement="spread"`, soft: several shards share a node when there are fewer nodes) or
