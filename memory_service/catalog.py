@@ -255,3 +255,8 @@ class Catalog:
         self._save()
         args = {s: (self.snapshot_dir,) for s in range(self.n_shards)}
         return list(self.call("save_snapshot", args).values())
+
+    def shard_map(self) -> list[dict]:
+        """Where each shard runs, or that it is unavailable."""
+        found = self.call("info", {s: () for s in range(self.n_shards)}, partial=True)
+        return [found.get(s, {"index": s, "unavailable": True}) for s in range(self.n_shards)]

@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=args.name,
         shard_endpoints=args.shard_endpoints,
     )
-    devices = ", ".join(service.engine.devices)
+    devices = ", ".join(service.devices)
     print(
         f"longmem memory service listening on {service.address} "
         f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)})",

@@ -19,7 +19,7 @@ import torch
 
 from memory_service import errors
 from memory_service.bank import BankSpec
-from memory_service.engine import LocalEngine
+from memory_service.engine import MemoryEngine
 from memory_service.search import CompactResult, SearchResult
 from memory_service.tenancy import DEFAULT_API_KEY, Tenant
 from memory_service.wire import NAME_OF, TORCH_OF, WIRE_OF, decode, encode
@@ -30,10 +30,11 @@ MAX_MESSAGE_BYTES = 64 << 20  # one gRPC message; search answers stream in parts
 
 
 class InProcessClient:
-    """The memory service in this process, for one tenant."""
+    """The memory service in this process, for one tenant. With `snapshot_dir`,
+    `snapshot()` saves it there and a new client with the same folder starts from it."""
 
-    def __init__(self, n_shards: int = 1, device: str = "cpu"):
-        self.engine = LocalEngine(n_shards, device)
+    def __init__(self, n_shards: int = 1, device: str = "cpu", snapshot_dir: str | None = None):
+        self.engine = MemoryEngine.local(n_shards, device, snapshot_dir)
         self.tenant = Tenant("local", ())
 
     def create_bank(self, name: str, **spec) -> dict:
@@ -58,6 +59,14 @@ class InProcessClient:
     def search(self, names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
         """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`."""
         return self.engine.search(self.tenant, list(names), queries, top_k).expand()
+
+    def snapshot(self) -> list[dict]:
+        """Save the catalog and the shards to `snapshot_dir` now."""
+        return self.engine.snapshot()
+
+    def shard_map(self) -> list[dict]:
+        """The shards (all in this process) and what they hold."""
+        return self.engine.shard_map()
 
     def close(self) -> None:
         pass

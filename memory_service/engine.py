@@ -1,20 +1,63 @@
-"""The memory service's operations, in one process: a Catalog in front of local Shards.
+"""The memory service's operations: one engine, in one process or over Ray actors.
 
-`LocalEngine` is what `InProcessClient` runs and what the tests compare the service with.
-`memory_service.actors.RayEngine` has the same methods with the catalog in a coordinator
-actor and the shards in shard actors; the gRPC server runs either.
+The split follows vLLM v1 (engine core, core client, workers):
+
+- the core is a `Catalog` (which banks exist, their stream positions; it deals appended
+  chunks to the shards). It runs in this process or in the coordinator actor;
+- the workers are `Shard`s, each holding its part of every bank. They are objects in this
+  process or shard actors, reached through a `search.ShardCall`;
+- the engine (`MemoryEngine`) is what the gRPC server and the in-process client call. It
+  sends bank operations to the core through a `CoreCall` and runs searches itself: the
+  core resolves the banks, then every shard searches and the engine merges the answers.
+
+`MemoryEngine.local` builds the core and the workers in this process;
+`memory_service.actor_calls.ray_engine` reaches them as Ray actors (any process in the
+cluster can hold one). `Engine` is the interface the server runs against.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 from memory_service.bank import BankSpec, check_queries
 from memory_service.catalog import Catalog
 from memory_service.errors import InvalidArgument
-from memory_service.search import CompactResult, sharded_search
+from memory_service.search import CompactResult, ShardCall, sharded_search
 from memory_service.shard import Shard
 from memory_service.tenancy import Tenant
+
+# core(method, *args) runs a `Catalog` method and returns its answer; a ServiceError it
+# raises reaches the caller as itself.
+CoreCall = Callable[..., Any]
+
+
+class Engine(Protocol):
+    """The service's operations, on behalf of a tenant (what the gRPC API offers)."""
+
+    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict: ...
+
+    def delete_bank(self, tenant: Tenant, name: str) -> None: ...
+
+    def reset_bank(self, tenant: Tenant, name: str) -> dict: ...
+
+    def list_banks(self, tenant: Tenant) -> list[dict]: ...
+
+    def describe_bank(self, tenant: Tenant, name: str) -> dict: ...
+
+    def append(
+        self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
+    ) -> dict: ...
+
+    def search(
+        self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
+    ) -> CompactResult: ...
+
+    def snapshot(self) -> list[dict]: ...
+
+    def shard_map(self) -> list[dict]: ...
 
 
 def check_search(names: list[str], queries: torch.Tensor, spec: BankSpec, top_k: int) -> None:
@@ -26,38 +69,73 @@ def check_search(names: list[str], queries: torch.Tensor, spec: BankSpec, top_k:
         )
 
 
-class LocalEngine:
-    def __init__(self, n_shards: int = 1, device: str = "cpu"):
-        self.n_shards = n_shards
-        self.shards = [Shard(i, n_shards, device) for i in range(n_shards)]
-        self.catalog = Catalog(n_shards, self._call)
+class MemoryEngine:
+    """An `Engine` over a catalog (`core`) and `n_shards` shards (`shards`).
 
-    def _call(
-        self, method: str, args: dict[int, tuple], partial: bool = False
-    ) -> dict[int, object]:
-        return {s: getattr(self.shards[s], method)(*a) for s, a in args.items()}
+    With `allow_partial`, a search that some shards cannot answer is answered from the
+    others (`CompactResult.missing_shards` names the missing ones) instead of failing.
+    """
+
+    def __init__(
+        self, n_shards: int, core: CoreCall, shards: ShardCall, allow_partial: bool = False
+    ):
+        self.n_shards, self.core, self.shards = n_shards, core, shards
+        self.allow_partial = allow_partial
+
+    @classmethod
+    def local(
+        cls, n_shards: int = 1, device: str = "cpu", snapshot_dir: str | None = None
+    ) -> MemoryEngine:
+        """The catalog and the shards as objects in this process; with `snapshot_dir` they
+        start from the snapshot there, if there is one."""
+        shards = [Shard(i, n_shards, device) for i in range(n_shards)]
+        for shard in shards if snapshot_dir else ():
+            shard.load_snapshot(snapshot_dir)
+
+        def call(method: str, args: dict[int, tuple], partial: bool = False) -> dict:
+            return {s: getattr(shards[s], method)(*a) for s, a in args.items()}
+
+        catalog = Catalog(n_shards, call, snapshot_dir)
+        return cls(n_shards, lambda method, *args: getattr(catalog, method)(*args), call)
 
     def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict:
-        return self.catalog.create_bank(tenant, name, spec)
+        return self.core("create_bank", tenant, name, spec)
 
     def delete_bank(self, tenant: Tenant, name: str) -> None:
-        self.catalog.delete_bank(tenant, name)
+        self.core("delete_bank", tenant, name)
 
     def reset_bank(self, tenant: Tenant, name: str) -> dict:
-        return self.catalog.reset_bank(tenant, name)
+        return self.core("reset_bank", tenant, name)
 
     def list_banks(self, tenant: Tenant) -> list[dict]:
-        return self.catalog.list_banks(tenant)
+        return self.core("list_banks", tenant)
 
     def describe_bank(self, tenant: Tenant, name: str) -> dict:
-        return self.catalog.describe_bank(tenant, name)
+        return self.core("describe_bank", tenant, name)
 
     def append(self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor) -> dict:
-        return self.catalog.append(tenant, name, keys, values)
+        return self.core("append", tenant, name, keys, values)
 
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
     ) -> CompactResult:
-        bank_keys, oldest, spec = self.catalog.resolve(tenant, names)
+        bank_keys, oldest, spec = self.core("resolve", tenant, names)
         check_search(names, queries, spec, top_k)
-        return sharded_search(self._call, self.n_shards, bank_keys, oldest, spec, queries, top_k)
+        return sharded_search(
+            self.shards,
+            self.n_shards,
+            bank_keys,
+            oldest,
+            spec,
+            queries,
+            top_k,
+            self.allow_partial,
+        )
+
+    def snapshot(self) -> list[dict]:
+        """Save the catalog and every shard to the snapshot dir now."""
+        return self.core("snapshot")
+
+    def shard_map(self) -> list[dict]:
+        """Where each shard runs, or that it is unavailable."""
+        return self.core("shard_map")

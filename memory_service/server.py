@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memory_service.bank import DTYPES, BankSpec
+from memory_service.engine import Engine
 from memory_service.errors import InvalidArgument, PermissionDenied, ServiceError
 from memory_service.search import CompactResult
 from memory_service.tenancy import Tenant, TenantTable
@@ -95,9 +96,9 @@ def search_messages(result: CompactResult, part_bytes: int) -> Iterator[pb.Searc
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
-    """`longmem.v1.MemoryService` over an engine (`RayEngine` or `LocalEngine`)."""
+    """`longmem.v1.MemoryService` over an engine, for the tenants in `tenants`."""
 
-    def __init__(self, engine, tenants: TenantTable):
+    def __init__(self, engine: Engine, tenants: TenantTable):
         self.engine = engine
         self.tenants = tenants
 
@@ -195,7 +196,7 @@ def advertised(address: str) -> str:
 
 
 def start_server(
-    engine,
+    engine: Engine,
     tenants: TenantTable,
     host: str = "127.0.0.1",
     port: int = 0,

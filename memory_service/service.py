@@ -1,27 +1,183 @@
-"""Start and stop the whole memory service: Ray actors behind a gRPC server."""
+"""Deploy, find and stop the memory service on Ray: shard actors and a coordinator behind a
+gRPC server.
+
+`start_service` launches everything and returns the running `Service`; `Service.stop()`
+ends it. `find_service` gives code elsewhere in the cluster the address of a running one.
+
+Placement: the shards are one Ray placement group, one bundle each, spread over the nodes
+(`placement="spread"`, soft: several shards share a node when there are fewer nodes) or
+packed. A bundle asks for `gpus_per_shard` GPUs when the cluster has them, and a nominal
+amount of memory otherwise (it needs no CPU: searches are matrix products that use the
+node's cores anyway, and leaving CPUs unclaimed keeps them for training workers).
+
+Restarts: shard and coordinator actors restart without limit when their process or node
+dies (see `memory_service.actors`). While a shard is down (the service pings every shard
+twice a second) searches fail fast with Unavailable, or with `allow_partial` are answered
+by the other shards.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 
-import grpc
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
-from memory_service.actors import RayDeployment, ShardEndpoint
+from memory_service.actor_calls import (
+    NAMESPACE,
+    CoordinatorCall,
+    ShardActors,
+    coordinator_name,
+    shard_name,
+)
+from memory_service.actors import CoordinatorActor, ShardActor
+from memory_service.engine import MemoryEngine
+from memory_service.errors import InvalidArgument, ServiceError, Unavailable
 from memory_service.server import MAX_MESSAGE_BYTES, advertised, start_server
 from memory_service.tenancy import TenantTable
 
+log = logging.getLogger("longmem.service")
 
-@dataclass
+SHARD_MEMORY = 64 << 20  # nominal bundle size when shards take no GPU
+HEALTH_EVERY_S = 0.5  # how often the service pings its shards
+PLACEMENT_TIMEOUT_S = 120.0
+# torch tensors cross actor boundaries through shared memory, not pickled copies (10x faster
+# for a search's chunk table)
+ACTOR_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+
+
+@dataclass(frozen=True)
+class ShardEndpoint:
+    """Asks every shard to serve the whole gRPC API on its own node as well."""
+
+    host: str  # address to bind, e.g. 0.0.0.0 to be reachable from other nodes
+    tenants: TenantTable
+    service: str
+    allow_partial: bool = False
+
+
 class Service:
-    engine: RayDeployment
-    server: grpc.Server
-    address: str  # host:port the gRPC server listens on
+    """A running memory service (made by `start_service`): `n_shards` shard actors in a
+    placement group, a coordinator, the engine over them and, once `serve` ran, a gRPC
+    server at `address`. It checks the shards' health and takes periodic snapshots."""
+
+    def __init__(
+        self,
+        n_shards: int,
+        gpus_per_shard: float | None = None,
+        placement: str = "spread",
+        snapshot_dir: str | None = None,
+        allow_partial: bool = False,
+        snapshot_every_s: float = 0.0,
+        name: str = "default",
+        shard_endpoint: ShardEndpoint | None = None,
+    ):
+        if placement not in ("spread", "pack"):
+            raise InvalidArgument(f"placement must be 'spread' or 'pack', got {placement!r}")
+        if gpus_per_shard is None:
+            gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
+        self.snapshot_dir = snapshot_dir
+        self.server, self.address = None, ""
+        bundle = {"GPU": gpus_per_shard} if gpus_per_shard else {"memory": SHARD_MEMORY}
+        self.placement_group = placement_group([bundle] * n_shards, strategy=placement.upper())
+        try:
+            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise InvalidArgument(
+                f"cannot place {n_shards} shards with {bundle} each on this cluster "
+                f"({ray.cluster_resources()}); lower --shards or --gpus-per-shard"
+            ) from None
+        self.shards = [
+            ShardActor.options(
+                name=shard_name(name, i),
+                namespace=NAMESPACE,
+                num_cpus=0,
+                num_gpus=gpus_per_shard,
+                memory=None if gpus_per_shard else SHARD_MEMORY,
+                max_restarts=-1,
+                runtime_env=ACTOR_ENV,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+            ).remote(i, n_shards, snapshot_dir, shard_endpoint)
+            for i in range(n_shards)
+        ]
+        here = ray.get_runtime_context().get_node_id()  # the coordinator stays with the server
+        self.coordinator = CoordinatorActor.options(
+            name=coordinator_name(name),
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_restarts=-1,
+            runtime_env=ACTOR_ENV,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        ).remote(name, n_shards, snapshot_dir)
+        self.shard_calls = ShardActors(name, n_shards)
+        self.engine = MemoryEngine(n_shards, CoordinatorCall(name), self.shard_calls, allow_partial)
+        shard_map = self.engine.shard_map()
+        self.devices = [d["device"] for d in shard_map]
+        nodes = [d["node_id"] for d in shard_map]
+        share = zip(self.shards, nodes, strict=True)
+        ray.get([s.share_cores.remote(nodes.count(n)) for s, n in share])
+        self._stop = threading.Event()
+        threading.Thread(target=self._health_loop, daemon=True).start()
+        if snapshot_dir and snapshot_every_s > 0:
+            threading.Thread(
+                target=self._snapshot_loop, args=(snapshot_every_s,), daemon=True
+            ).start()
+
+    def serve(
+        self, tenants: TenantTable, host: str, port: int, max_message_bytes: int
+    ) -> None:
+        """Start the gRPC server on host:port (0: a free port) and publish its address."""
+        self.server, address = start_server(self.engine, tenants, host, port, max_message_bytes)
+        self.address = advertised(address)
+        self.engine.core("set_endpoint", self.address)
+
+    def _health_loop(self) -> None:
+        """Ping every shard; a shard that does not answer in time is down until it does."""
+        while not self._stop.wait(HEALTH_EVERY_S):
+            pings = {s: shard.ping.remote() for s, shard in enumerate(self.shards)}
+            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=2.0)
+            down = set()
+            for s, ref in pings.items():
+                try:
+                    if ref not in ready:
+                        raise GetTimeoutError
+                    ray.get(ref)
+                except (RayActorError, GetTimeoutError):
+                    down.add(s)
+            if down != self.shard_calls.down:
+                log.warning("shards down: %s", sorted(down) or "none")
+            self.shard_calls.down = down
+
+    def _snapshot_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self.engine.snapshot()
+            except ServiceError as e:
+                log.warning("periodic snapshot failed: %s", e.message)
 
     def stop(self, grace: float = 5.0) -> None:
-        self.server.stop(grace).wait()
-        self.engine.shutdown()
+        """Stop serving, then stop the actors, saving a last snapshot first when there is a
+        snapshot dir."""
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        self._stop.set()
+        if self.snapshot_dir:
+            try:
+                self.engine.snapshot()
+            except ServiceError as e:
+                log.warning("final snapshot failed: %s", e.message)
+        for actor in [self.coordinator, *self.shards]:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.placement_group)
 
 
 def start_service(
@@ -42,7 +198,7 @@ def start_service(
     """Start shard and coordinator actors (joining `ray_address`, or an embedded local Ray
     when Ray is not running yet) and a gRPC server on host:port (0: a free port).
 
-    `name` identifies the service on the Ray cluster (`actors.find_service(name)`).
+    `name` identifies the service on the Ray cluster (`find_service(name)`).
     `shard_endpoints`: every shard also serves the whole API on its own node (bound to
     `host`), so clients can spread over them; the shard map lists their addresses.
     `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
@@ -61,7 +217,7 @@ def start_service(
         )
     tenants = tenants or TenantTable.single()
     endpoint = ShardEndpoint(host, tenants, name, allow_partial) if shard_endpoints else None
-    engine = RayDeployment(
+    service = Service(
         shards,
         gpus_per_shard,
         placement,
@@ -72,10 +228,22 @@ def start_service(
         endpoint,
     )
     try:
-        server, address = start_server(engine, tenants, host, port, max_message_bytes)
+        service.serve(tenants, host, port, max_message_bytes)
     except Exception:
-        engine.shutdown()
+        service.stop()
         raise
-    address = advertised(address)
-    engine.set_endpoint(address)
-    return Service(engine, server, address)
+    return service
+
+
+def find_service(name: str = "default") -> str:
+    """The gRPC address of memory service `name` running on this Ray cluster (for code
+    inside it: a training or inference worker), found through its coordinator actor."""
+    coordinator = CoordinatorCall(name)
+    try:
+        coordinator.handle  # noqa: B018  (the lookup)
+    except ValueError:
+        raise Unavailable(f"no longmem memory service {name!r} runs on this Ray cluster") from None
+    address = coordinator("endpoint")
+    if address is None:
+        raise Unavailable("the memory service on this Ray cluster is still starting")
+    return address

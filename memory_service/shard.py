@@ -105,6 +105,10 @@ class Shard:
             keys[sel], values[sel] = k.cpu(), v.cpu()
         return keys, values
 
+    def info(self) -> dict:
+        """Where this shard runs and what it holds (its entry in the shard map)."""
+        return {"index": self.index, "device": self.device, "banks": len(self.stores)}
+
     def describe(self, bank_key: str, oldest_live_id: int) -> dict:
         store = self._store(bank_key, oldest_live_id)
         if store is None:

@@ -213,3 +213,24 @@ def test_chunk_store_slots_never_collide():
             for i in st.ids[st.live].tolist():
                 slot = (i // 3) % st.slots
                 assert float(st.keys[0, slot, 0, 0]) == float(i)
+
+
+def test_in_process_snapshot_restores_and_shard_map(tmp_path):
+    client = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
+    keys, values = kv(42, 2, 8)
+    client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=4)
+    client.append("b", keys, values)
+    saved = client.snapshot()
+    assert [s["shard"] for s in saved] == [0, 1] and all(s["banks"] == 1 for s in saved)
+    assert [(s["index"], s["device"], s["banks"]) for s in client.shard_map()] == [
+        (0, "cpu", 1),
+        (1, "cpu", 1),
+    ]
+    queries = torch.randn(1, 3, 4, 8)
+    restored = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
+    before, after = client.describe_bank("b"), restored.describe_bank("b")
+    assert after == before and after["lost_chunks"] == 0 and after["pending_tokens"] == 2
+    a, b = client.search(["b"], queries, 4), restored.search(["b"], queries, 4)
+    assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.keys, b.keys)
+    with pytest.raises(InvalidArgument, match="without --snapshot-dir"):
+        InProcessClient().snapshot()

@@ -150,7 +150,7 @@ def test_tenant_isolation(services):
 
 
 def test_workers_find_the_service_through_the_coordinator(services):
-    from memory_service.actors import find_service
+    from memory_service.service import find_service
 
     assert find_service("test-3") == services[3].address
     with pytest.raises(Unavailable, match="no longmem memory service 'nope'"):
