@@ -29,9 +29,8 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from memory_service.client import InProcessClient, MemoryClient  # noqa: E402
-from memory_service.server import SEARCH_PART_BYTES, search_messages  # noqa: E402
 from memory_service.service import start_service  # noqa: E402
-from memory_service.wire import encode  # noqa: E402
+from memory_service.wire import encode, search_messages  # noqa: E402
 
 N_QUERIES, Q_HEADS, KV_HEADS, HEAD_DIM, TOP_K, CHUNK = 512, 9, 3, 64, 16, 4
 BANK_TOKENS = 65536
@@ -147,7 +146,7 @@ def main() -> None:
     reference = local.search(["bench"], queries[None], TOP_K)
     compact = local.engine.search(local.tenant, ["bench"], queries[None], TOP_K)
     wire = len(encode(queries[None]).SerializeToString()) + sum(
-        len(m.SerializeToString()) for m in search_messages(compact, SEARCH_PART_BYTES)
+        len(m.SerializeToString()) for m in search_messages(compact)
     )
 
     for shards in (1, 2):

@@ -67,12 +67,12 @@ def main() -> None:
             client.search(["big"], queries, TOP_K)
             times.append(time.perf_counter() - t)
         p50 = statistics.median(times)
-        nodes = len({s["node_id"] for s in client.shard_map()})
+        nodes = len({s.node_id for s in client.shard_map()})
         rows.append({
-            "shards": shards, "nodes": nodes, "bank_tokens": info["size_tokens"],
+            "shards": shards, "nodes": nodes, "bank_tokens": info.size_tokens,
             "p50_ms": 1e3 * p50, "queries_per_s": args.queries / p50,
             "append_tokens_per_s": args.tokens / fill_s, "bank_bytes": info["bytes"],
-            "bytes_per_token": info["bytes"] / info["size_tokens"],
+            "bytes_per_token": info.bytes / info.size_tokens,
         })
         client.delete_bank("big")
         client.close()

@@ -12,6 +12,7 @@ reloads the catalog (saved on every change).
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import ray
@@ -19,7 +20,7 @@ import torch
 
 from memory_service.actor_calls import ShardActors, ray_engine
 from memory_service.catalog import Catalog
-from memory_service.shard import Shard
+from memory_service.shard import Shard, ShardInfo
 
 if TYPE_CHECKING:
     from memory_service.service import ShardEndpoint
@@ -60,13 +61,14 @@ class ShardActor(Shard):
         """Split the node's cores among the shards placed on it."""
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // shards_on_node))
 
-    def info(self) -> dict:
-        return super().info() | {
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "node_address": ray.util.get_node_ip_address(),
-            "endpoint": self.endpoint or "",
-            "restored_from_snapshot": self.restored,
-        }
+    def info(self) -> ShardInfo:
+        return replace(
+            super().info(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            node_address=ray.util.get_node_ip_address(),
+            endpoint=self.endpoint or "",
+            restored_from_snapshot=self.restored,
+        )
 
 
 @ray.remote

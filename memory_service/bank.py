@@ -90,6 +90,37 @@ class BankSpec:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class BankInfo:
+    """A bank's spec, size and state (`describe_bank`, and the answer to create and reset)."""
+
+    name: str
+    spec: BankSpec
+    size_tokens: int  # tokens searchable now (whole chunks)
+    chunks: int  # chunks searchable now
+    pending_tokens: int  # the trailing partial chunk, waiting for the next append
+    appended_chunks: int  # chunks appended since creation or the last reset
+    evicted_chunks: int  # of those, dropped by FIFO eviction
+    lost_chunks: int  # of those, gone with a shard that restarted from an older snapshot
+    shards: int
+    bytes: int  # memory held across all shards
+    created_at: float  # unix seconds
+
+    def __getitem__(self, field: str):
+        """`info["size_tokens"]` reads like `info.size_tokens`."""
+        return getattr(self, field)
+
+
+@dataclass(frozen=True)
+class AppendInfo:
+    """What an append did, and where the bank's stream stands after it."""
+
+    appended_tokens: int
+    pending_tokens: int  # the trailing partial chunk, waiting for the next append
+    appended_chunks: int  # chunks appended since creation or the last reset
+    lost_chunks: int  # of this append's chunks, those a down shard did not take
+
+
 def check_kv(spec: BankSpec, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Raise InvalidArgument unless keys/values are finite `(n_tokens, kv_heads, head_dim)`."""
     for name, t in (("keys", keys), ("values", values)):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from memory_service.bank import BankSpec, Chunker, check_kv
+from memory_service.bank import AppendInfo, BankInfo, BankSpec, Chunker, check_kv
 from memory_service.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -33,7 +33,7 @@ from memory_service.errors import (
     ResourceExhausted,
 )
 from memory_service.search import ShardCall
-from memory_service.shard import split_chunks
+from memory_service.shard import ShardInfo, ShardSnapshot, split_chunks
 from memory_service.tenancy import Tenant
 
 log = logging.getLogger("longmem.catalog")
@@ -135,7 +135,7 @@ class Catalog:
         args = {s: (key,) for s in range(self.n_shards)}
         self.call("drop_bank", args, partial=True)
 
-    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict:
+    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> BankInfo:
         if not isinstance(name, str) or not BANK_NAME.match(name):
             raise InvalidArgument(f"bank name {name!r} must match {BANK_NAME.pattern}")
         if (tenant.name, name) in self.banks:
@@ -164,7 +164,7 @@ class Catalog:
         self._save()
         self._drop_everywhere(entry.key)
 
-    def reset_bank(self, tenant: Tenant, name: str) -> dict:
+    def reset_bank(self, tenant: Tenant, name: str) -> BankInfo:
         entry = self._entry(tenant, name)
         old_key = entry.key
         entry.generation = self._next_generation()
@@ -173,11 +173,11 @@ class Catalog:
         self._drop_everywhere(old_key)
         return self.describe_bank(tenant, name)
 
-    def list_banks(self, tenant: Tenant) -> list[dict]:
+    def list_banks(self, tenant: Tenant) -> list[BankInfo]:
         names = sorted(name for t, name in self.banks if t == tenant.name)
         return [self.describe_bank(tenant, name) for name in names]
 
-    def describe_bank(self, tenant: Tenant, name: str) -> dict:
+    def describe_bank(self, tenant: Tenant, name: str) -> BankInfo:
         """Size and state of a bank. `lost_chunks`: chunks the bank should hold (appended,
         not evicted) that a shard no longer has, because it restarted from an older snapshot
         or was down when they were appended; they are never served."""
@@ -186,21 +186,23 @@ class Catalog:
         per_shard = self.call("describe", {s: (entry.key, oldest) for s in range(self.n_shards)})
         chunks = sum(d["chunks"] for d in per_shard.values())
         expected = sum(entry.chunker.expected_chunks(s, self.n_shards) for s in per_shard)
-        return {
-            "name": entry.name,
-            "spec": entry.spec.to_dict(),
-            "chunks": chunks,
-            "size_tokens": chunks * entry.spec.chunk_size,
-            "pending_tokens": entry.chunker.pending_tokens,
-            "appended_chunks": entry.chunker.next_chunk_id,
-            "evicted_chunks": oldest,
-            "lost_chunks": expected - chunks,
-            "shards": self.n_shards,
-            "bytes": sum(d["bytes"] for d in per_shard.values()),
-            "created_at": entry.created_at,
-        }
+        return BankInfo(
+            name=entry.name,
+            spec=entry.spec,
+            size_tokens=chunks * entry.spec.chunk_size,
+            chunks=chunks,
+            pending_tokens=entry.chunker.pending_tokens,
+            appended_chunks=entry.chunker.next_chunk_id,
+            evicted_chunks=oldest,
+            lost_chunks=expected - chunks,
+            shards=self.n_shards,
+            bytes=sum(d["bytes"] for d in per_shard.values()),
+            created_at=entry.created_at,
+        )
 
-    def append(self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor) -> dict:
+    def append(
+        self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
+    ) -> AppendInfo:
         """Append tokens `(n, kv_heads, head_dim)` in stream order to a bank.
 
         The stream position is saved before the chunks go out, so a chunk a shard did not
@@ -222,12 +224,12 @@ class Catalog:
                 name,
                 sorted(set(args) - set(taken)),
             )
-        return {
-            "appended_tokens": keys.shape[0],
-            "pending_tokens": entry.chunker.pending_tokens,
-            "appended_chunks": entry.chunker.next_chunk_id,
-            "lost_chunks": lost,
-        }
+        return AppendInfo(
+            appended_tokens=keys.shape[0],
+            pending_tokens=entry.chunker.pending_tokens,
+            appended_chunks=entry.chunker.next_chunk_id,
+            lost_chunks=lost,
+        )
 
     def resolve(self, tenant: Tenant, names: list[str]) -> tuple[list[str], list[int], BankSpec]:
         """For a search: the banks' shard keys, FIFO marks and common spec."""
@@ -248,7 +250,7 @@ class Catalog:
                 )
         return [e.key for e in entries], [e.chunker.oldest_live_id for e in entries], spec
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[ShardSnapshot]:
         """Save the catalog and every shard's banks to `snapshot_dir`."""
         if not self.snapshot_dir:
             raise InvalidArgument("the service runs without --snapshot-dir; nothing to save to")
@@ -256,7 +258,7 @@ class Catalog:
         args = {s: (self.snapshot_dir,) for s in range(self.n_shards)}
         return list(self.call("save_snapshot", args).values())
 
-    def shard_map(self) -> list[dict]:
+    def shard_map(self) -> list[ShardInfo]:
         """Where each shard runs, or that it is unavailable."""
         found = self.call("info", {s: () for s in range(self.n_shards)}, partial=True)
-        return [found.get(s, {"index": s, "unavailable": True}) for s in range(self.n_shards)]
+        return [found.get(s, ShardInfo(s, available=False)) for s in range(self.n_shards)]

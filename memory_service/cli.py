@@ -15,8 +15,8 @@ import time
 import torch
 
 from memory_service.errors import ServiceError
-from memory_service.server import MAX_MESSAGE_BYTES
 from memory_service.tenancy import TenantTable
+from memory_service.wire import MAX_MESSAGE_BYTES
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,14 +71,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         info = client.create_bank(
             "book", kv_heads=kv_heads, head_dim=head_dim, capacity_tokens=8192
         )
-        print(f"created bank 'book': {info['spec']}")
+        print(f"created bank 'book': {info.spec}")
         g = torch.Generator().manual_seed(0)
         for _ in range(4):
             keys = torch.randn(1000, kv_heads, head_dim, generator=g)
             r = client.append("book", keys, torch.randn_like(keys))
             print(
-                f"appended 1000 tokens: {r['appended_chunks']} chunks so far, "
-                f"{r['pending_tokens']} tokens pending"
+                f"appended 1000 tokens: {r.appended_chunks} chunks so far, "
+                f"{r.pending_tokens} tokens pending"
             )
         queries = keys[-8:].repeat_interleave(q_heads // kv_heads, dim=1)[None]  # (1, 8, 9, 64)
         t = time.perf_counter()
@@ -87,15 +87,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"searched 8 queries x {q_heads} heads, top 16 chunks, in "
             f"{1e3 * (time.perf_counter() - t):.1f} ms: keys {tuple(result.keys.shape)}"
         )
-        newest = client.describe_bank("book")["appended_chunks"] - 1
+        newest = client.describe_bank("book").appended_chunks - 1
         print(
             f"the best chunk for the last query is chunk {int(result.chunk_ids[0, -1, 0, 0])} "
             f"(the newest chunk is {newest}); score {float(result.scores[0, -1, 0, 0]):.1f}"
         )
         info = client.describe_bank("book")
         print(
-            f"bank 'book': {info['size_tokens']} tokens in {info['chunks']} chunks on "
-            f"{info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB"
+            f"bank 'book': {info.size_tokens} tokens in {info.chunks} chunks on "
+            f"{info.shards} shards, {info.bytes / 2**20:.1f} MiB"
         )
     finally:
         client.close()

@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 import torch
 
-from memory_service.bank import BankSpec, check_queries
+from memory_service.bank import AppendInfo, BankInfo, BankSpec, check_queries
 from memory_service.catalog import Catalog
 from memory_service.errors import InvalidArgument
 from memory_service.search import CompactResult, ShardCall, sharded_search
-from memory_service.shard import Shard
+from memory_service.shard import Shard, ShardInfo, ShardSnapshot
 from memory_service.tenancy import Tenant
 
 # core(method, *args) runs a `Catalog` method and returns its answer; a ServiceError it
@@ -37,27 +37,27 @@ CoreCall = Callable[..., Any]
 class Engine(Protocol):
     """The service's operations, on behalf of a tenant (what the gRPC API offers)."""
 
-    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict: ...
+    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> BankInfo: ...
 
     def delete_bank(self, tenant: Tenant, name: str) -> None: ...
 
-    def reset_bank(self, tenant: Tenant, name: str) -> dict: ...
+    def reset_bank(self, tenant: Tenant, name: str) -> BankInfo: ...
 
-    def list_banks(self, tenant: Tenant) -> list[dict]: ...
+    def list_banks(self, tenant: Tenant) -> list[BankInfo]: ...
 
-    def describe_bank(self, tenant: Tenant, name: str) -> dict: ...
+    def describe_bank(self, tenant: Tenant, name: str) -> BankInfo: ...
 
     def append(
         self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
-    ) -> dict: ...
+    ) -> AppendInfo: ...
 
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
     ) -> CompactResult: ...
 
-    def snapshot(self) -> list[dict]: ...
+    def snapshot(self) -> list[ShardSnapshot]: ...
 
-    def shard_map(self) -> list[dict]: ...
+    def shard_map(self) -> list[ShardInfo]: ...
 
 
 def check_search(names: list[str], queries: torch.Tensor, spec: BankSpec, top_k: int) -> None:
@@ -98,22 +98,24 @@ class MemoryEngine:
         catalog = Catalog(n_shards, call, snapshot_dir)
         return cls(n_shards, lambda method, *args: getattr(catalog, method)(*args), call)
 
-    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> dict:
+    def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> BankInfo:
         return self.core("create_bank", tenant, name, spec)
 
     def delete_bank(self, tenant: Tenant, name: str) -> None:
         self.core("delete_bank", tenant, name)
 
-    def reset_bank(self, tenant: Tenant, name: str) -> dict:
+    def reset_bank(self, tenant: Tenant, name: str) -> BankInfo:
         return self.core("reset_bank", tenant, name)
 
-    def list_banks(self, tenant: Tenant) -> list[dict]:
+    def list_banks(self, tenant: Tenant) -> list[BankInfo]:
         return self.core("list_banks", tenant)
 
-    def describe_bank(self, tenant: Tenant, name: str) -> dict:
+    def describe_bank(self, tenant: Tenant, name: str) -> BankInfo:
         return self.core("describe_bank", tenant, name)
 
-    def append(self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor) -> dict:
+    def append(
+        self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
+    ) -> AppendInfo:
         return self.core("append", tenant, name, keys, values)
 
     def search(
@@ -132,10 +134,10 @@ class MemoryEngine:
             self.allow_partial,
         )
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[ShardSnapshot]:
         """Save the catalog and every shard to the snapshot dir now."""
         return self.core("snapshot")
 
-    def shard_map(self) -> list[dict]:
+    def shard_map(self) -> list[ShardInfo]:
         """Where each shard runs, or that it is unavailable."""
         return self.core("shard_map")

@@ -15,84 +15,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memory_service.bank import DTYPES, BankSpec
 from memory_service.engine import Engine
-from memory_service.errors import InvalidArgument, PermissionDenied, ServiceError
-from memory_service.search import CompactResult
+from memory_service.errors import PermissionDenied, ServiceError
 from memory_service.tenancy import Tenant, TenantTable
-from memory_service.wire import NAME_OF, WIRE_OF, decode, encode
+from memory_service.wire import (
+    MAX_MESSAGE_BYTES,
+    SEARCH_PART_BYTES,
+    append_to_wire,
+    decode,
+    info_to_wire,
+    search_messages,
+    shard_map_to_wire,
+    snapshot_to_wire,
+    spec_from_wire,
+)
 from protos.longmem.v1 import memory_pb2 as pb
 from protos.longmem.v1 import memory_pb2_grpc as pb_grpc
 
 log = logging.getLogger("longmem.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
-MAX_MESSAGE_BYTES = 64 << 20  # largest request accepted; larger ones get RESOURCE_EXHAUSTED
-SEARCH_PART_BYTES = 16 << 20  # chunk-table bytes per streamed search message
-
-
-def spec_from_wire(s: pb.BankSpec) -> BankSpec:
-    if s.dtype not in (pb.DTYPE_UNSPECIFIED, *NAME_OF):
-        raise InvalidArgument(f"bank dtype must be one of {sorted(DTYPES)}")
-    return BankSpec(
-        kv_heads=s.kv_heads,
-        head_dim=s.head_dim,
-        chunk_size=s.chunk_size or 4,
-        capacity_tokens=s.capacity_tokens or 65536,
-        dtype=NAME_OF.get(s.dtype, "float16"),
-        index=s.index or "exact",
-        eviction=s.eviction or "fifo",
-    )
-
-
-def info_to_wire(d: dict) -> pb.BankInfo:
-    s = d["spec"]
-    spec = pb.BankSpec(
-        kv_heads=s["kv_heads"],
-        head_dim=s["head_dim"],
-        chunk_size=s["chunk_size"],
-        capacity_tokens=s["capacity_tokens"],
-        dtype=WIRE_OF[DTYPES[s["dtype"]]],
-        index=s["index"],
-        eviction=s["eviction"],
-    )
-    fields = (
-        "name",
-        "size_tokens",
-        "chunks",
-        "pending_tokens",
-        "appended_chunks",
-        "evicted_chunks",
-        "lost_chunks",
-        "shards",
-        "bytes",
-        "created_at",
-    )
-    return pb.BankInfo(spec=spec, **{f: d[f] for f in fields})
-
-
-def search_messages(result: CompactResult, part_bytes: int) -> Iterator[pb.SearchResponse]:
-    """The streamed answer: header first, then the chunk table in row ranges."""
-    U, csz, D = result.table_keys.shape
-    header = pb.SearchHeader(
-        scores=encode(result.scores),
-        chunk_ids=encode(result.chunk_ids),
-        slots=encode(result.slots.int()),
-        table_rows=U,
-        chunk_size=csz,
-        head_dim=D,
-        dtype=WIRE_OF[result.table_keys.dtype],
-        missing_shards=result.missing_shards,
-    )
-    row_bytes = 2 * csz * D * result.table_keys.element_size()
-    rows = max(1, part_bytes // row_bytes)
-    for start in range(0, max(U, 1), rows):
-        yield pb.SearchResponse(
-            header=header if start == 0 else None,
-            row_offset=start,
-            table_keys=encode(result.table_keys[start : start + rows]),
-            table_values=encode(result.table_values[start : start + rows]),
-        )
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
@@ -154,7 +96,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         def append(tenant: Tenant) -> pb.AppendResponse:
             keys = decode(request.keys, "keys")
             values = decode(request.values, "values")
-            return pb.AppendResponse(**self.engine.append(tenant, request.bank, keys, values))
+            return append_to_wire(self.engine.append(tenant, request.bank, keys, values))
 
         return self._run(context, True, append)
 
@@ -162,27 +104,15 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         def search(tenant: Tenant) -> Iterator[pb.SearchResponse]:
             queries = decode(request.queries, "queries")
             result = self.engine.search(tenant, list(request.banks), queries, request.top_k)
-            return search_messages(result, SEARCH_PART_BYTES)
+            return search_messages(result)
 
         yield from self._run(context, False, search)
 
     def Snapshot(self, request, context):
-        def snapshot(tenant: Tenant) -> pb.SnapshotResponse:
-            return pb.SnapshotResponse(
-                shards=[pb.ShardSnapshot(**d) for d in self.engine.snapshot()]
-            )
-
-        return self._run(context, True, snapshot)
+        return self._run(context, True, lambda t: snapshot_to_wire(self.engine.snapshot()))
 
     def DescribeService(self, request, context):
-        def describe(tenant: Tenant) -> pb.ServiceInfo:
-            shards = [
-                pb.ShardInfo(available=not d.pop("unavailable", False), **d)
-                for d in self.engine.shard_map()
-            ]
-            return pb.ServiceInfo(shards=shards)
-
-        return self._run(context, False, describe)
+        return self._run(context, False, lambda t: shard_map_to_wire(self.engine.shard_map()))
 
 
 def advertised(address: str) -> str:

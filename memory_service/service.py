@@ -41,8 +41,9 @@ from memory_service.actor_calls import (
 from memory_service.actors import CoordinatorActor, ShardActor
 from memory_service.engine import MemoryEngine
 from memory_service.errors import InvalidArgument, ServiceError, Unavailable
-from memory_service.server import MAX_MESSAGE_BYTES, advertised, start_server
+from memory_service.server import advertised, start_server
 from memory_service.tenancy import TenantTable
+from memory_service.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("longmem.service")
 
@@ -121,8 +122,8 @@ class Service:
         self.shard_calls = ShardActors(name, n_shards)
         self.engine = MemoryEngine(n_shards, CoordinatorCall(name), self.shard_calls, allow_partial)
         shard_map = self.engine.shard_map()
-        self.devices = [d["device"] for d in shard_map]
-        nodes = [d["node_id"] for d in shard_map]
+        self.devices = [s.device for s in shard_map]
+        nodes = [s.node_id for s in shard_map]
         share = zip(self.shards, nodes, strict=True)
         ray.get([s.share_cores.remote(nodes.count(n)) for s, n in share])
         self._stop = threading.Event()

@@ -13,12 +13,36 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from memory_service.bank import BankSpec, ChunkStore
 from memory_service.errors import InvalidArgument, NotFound
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard's entry in the shard map: where it runs, what it holds, whether it is up."""
+
+    index: int
+    available: bool = True
+    node_id: str = ""  # the Ray node, for a shard actor
+    node_address: str = ""  # the node's IP address
+    device: str = ""  # "cpu" or "cuda"
+    endpoint: str = ""  # host:port where this shard serves the API too, if asked
+    banks: int = 0  # banks with chunks on this shard (all tenants)
+    restored_from_snapshot: bool = False
+
+
+@dataclass(frozen=True)
+class ShardSnapshot:
+    """What one shard wrote to the snapshot dir."""
+
+    shard: int
+    banks: int
+    bytes: int
 
 
 def split_chunks(
@@ -105,9 +129,9 @@ class Shard:
             keys[sel], values[sel] = k.cpu(), v.cpu()
         return keys, values
 
-    def info(self) -> dict:
+    def info(self) -> ShardInfo:
         """Where this shard runs and what it holds (its entry in the shard map)."""
-        return {"index": self.index, "device": self.device, "banks": len(self.stores)}
+        return ShardInfo(self.index, device=self.device, banks=len(self.stores))
 
     def describe(self, bank_key: str, oldest_live_id: int) -> dict:
         store = self._store(bank_key, oldest_live_id)
@@ -120,7 +144,7 @@ class Shard:
     def snapshot_path(self, directory: str | os.PathLike) -> Path:
         return Path(directory) / f"shard-{self.index}-of-{self.n_shards}.pt"
 
-    def save_snapshot(self, directory: str | os.PathLike) -> dict:
+    def save_snapshot(self, directory: str | os.PathLike) -> ShardSnapshot:
         """Write every bank of this shard to one file (temporary name, then rename)."""
         path = self.snapshot_path(directory)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +155,7 @@ class Shard:
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        return {"shard": self.index, "banks": len(self.stores), "bytes": path.stat().st_size}
+        return ShardSnapshot(self.index, len(self.stores), path.stat().st_size)
 
     def load_snapshot(self, directory: str | os.PathLike) -> bool:
         """Restore the banks from this shard's snapshot, if there is one."""

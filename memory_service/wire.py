@@ -1,16 +1,33 @@
-"""Tensors on the wire: raw little-endian bytes with dtype and shape (`longmem.v1.Tensor`)."""
+"""Every conversion between the service's Python objects and its protobuf messages
+(`protos/longmem/v1/memory.proto`); the gRPC server and client only call these.
+
+Tensors travel as raw little-endian bytes with dtype and shape (`longmem.v1.Tensor`). A
+message and the dataclass it carries (`BankSpec`, `BankInfo`, `AppendInfo`, `ShardInfo`,
+`ShardSnapshot`) have fields of the same names, so each field is named once, in the
+dataclass. A search answer streams as a header and then its chunk table in parts
+(`search_messages`, `read_search_stream`).
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import MISSING, fields
 
 import torch
 
+from memory_service.bank import DTYPES, AppendInfo, BankInfo, BankSpec
 from memory_service.errors import InvalidArgument
+from memory_service.search import CompactResult
+from memory_service.shard import ShardInfo, ShardSnapshot
 from protos.longmem.v1 import memory_pb2 as pb
 
+MAX_MESSAGE_BYTES = 64 << 20  # largest request accepted; larger ones get RESOURCE_EXHAUSTED
+SEARCH_PART_BYTES = 16 << 20  # chunk-table bytes per streamed search message
+MAX_DIMS = 8
 TORCH_OF = {
     pb.FLOAT16: torch.float16,
     pb.BFLOAT16: torch.bfloat16,
@@ -19,8 +36,7 @@ TORCH_OF = {
     pb.INT64: torch.int64,
 }
 WIRE_OF = {v: k for k, v in TORCH_OF.items()}
-NAME_OF = {pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16", pb.FLOAT32: "float32"}
-MAX_DIMS = 8
+NAME_OF = {WIRE_OF[t]: name for name, t in DTYPES.items()}  # the bank dtypes
 
 assert sys.byteorder == "little", "the wire format is little-endian; this host is not"
 
@@ -54,3 +70,100 @@ def decode(msg: pb.Tensor, name: str) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only buffer: we never write into it
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(msg.data, dtype=dtype).view(shape)
+
+
+def _fields(obj, names_from=None) -> dict:
+    """The fields of dataclass `names_from` (default: `obj`'s class), read from `obj`."""
+    return {f.name: getattr(obj, f.name) for f in fields(names_from or obj)}
+
+
+def spec_to_wire(spec: BankSpec) -> pb.BankSpec:
+    return pb.BankSpec(**_fields(spec) | {"dtype": WIRE_OF[spec.torch_dtype]})
+
+
+def spec_from_wire(msg: pb.BankSpec) -> BankSpec:
+    """The spec in `msg`; unset fields (0, "", DTYPE_UNSPECIFIED) take BankSpec's defaults."""
+    if msg.dtype not in (pb.DTYPE_UNSPECIFIED, *NAME_OF):
+        raise InvalidArgument(f"bank dtype must be one of {sorted(DTYPES)}")
+    given = _fields(msg, BankSpec) | {"dtype": NAME_OF.get(msg.dtype)}
+    required = {f.name for f in fields(BankSpec) if f.default is MISSING}
+    return BankSpec(**{k: v for k, v in given.items() if v or k in required})
+
+
+def info_to_wire(info: BankInfo) -> pb.BankInfo:
+    return pb.BankInfo(**_fields(info) | {"spec": spec_to_wire(info.spec)})
+
+
+def info_from_wire(msg: pb.BankInfo) -> BankInfo:
+    return BankInfo(**_fields(msg, BankInfo) | {"spec": spec_from_wire(msg.spec)})
+
+
+def append_to_wire(info: AppendInfo) -> pb.AppendResponse:
+    return pb.AppendResponse(**_fields(info))
+
+
+def append_from_wire(msg: pb.AppendResponse) -> AppendInfo:
+    return AppendInfo(**_fields(msg, AppendInfo))
+
+
+def snapshot_to_wire(shards: Iterable[ShardSnapshot]) -> pb.SnapshotResponse:
+    return pb.SnapshotResponse(shards=[pb.ShardSnapshot(**_fields(s)) for s in shards])
+
+
+def snapshot_from_wire(msg: pb.SnapshotResponse) -> list[ShardSnapshot]:
+    return [ShardSnapshot(**_fields(s, ShardSnapshot)) for s in msg.shards]
+
+
+def shard_map_to_wire(shards: Iterable[ShardInfo]) -> pb.ServiceInfo:
+    return pb.ServiceInfo(shards=[pb.ShardInfo(**_fields(s)) for s in shards])
+
+
+def shard_map_from_wire(msg: pb.ServiceInfo) -> list[ShardInfo]:
+    return [ShardInfo(**_fields(s, ShardInfo)) for s in msg.shards]
+
+
+def search_messages(
+    result: CompactResult, part_bytes: int = SEARCH_PART_BYTES
+) -> Iterator[pb.SearchResponse]:
+    """The streamed answer: header first, then the chunk table in row ranges."""
+    U, csz, D = result.table_keys.shape
+    header = pb.SearchHeader(
+        scores=encode(result.scores),
+        chunk_ids=encode(result.chunk_ids),
+        slots=encode(result.slots.int()),
+        table_rows=U,
+        chunk_size=csz,
+        head_dim=D,
+        dtype=WIRE_OF[result.table_keys.dtype],
+        missing_shards=result.missing_shards,
+    )
+    row_bytes = 2 * csz * D * result.table_keys.element_size()
+    rows = max(1, part_bytes // row_bytes)
+    for start in range(0, max(U, 1), rows):
+        yield pb.SearchResponse(
+            header=header if start == 0 else None,
+            row_offset=start,
+            table_keys=encode(result.table_keys[start : start + rows]),
+            table_values=encode(result.table_values[start : start + rows]),
+        )
+
+
+def read_search_stream(stream: Iterator[pb.SearchResponse]) -> CompactResult:
+    """Reassemble a CompactResult from the streamed SearchResponse messages."""
+    first = next(stream)
+    h = first.header
+    shape = (h.table_rows, h.chunk_size, h.head_dim)
+    keys = torch.empty(shape, dtype=TORCH_OF[h.dtype])
+    values = torch.empty_like(keys)
+    for msg in itertools.chain([first], stream):
+        part = decode(msg.table_keys, "table_keys")
+        rows = slice(msg.row_offset, msg.row_offset + part.shape[0])
+        keys[rows], values[rows] = part, decode(msg.table_values, "table_values")
+    return CompactResult(
+        decode(h.scores, "scores"),
+        decode(h.chunk_ids, "chunk_ids"),
+        decode(h.slots, "slots").long(),
+        keys,
+        values,
+        tuple(h.missing_shards),
+    )

@@ -88,10 +88,10 @@ def test_partial_chunks_across_appends():
     client = InProcessClient()
     client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=4)
     keys, values = kv(10, 2, 8)
-    assert client.append("b", keys[:3], values[:3])["pending_tokens"] == 3
-    assert client.describe_bank("b")["chunks"] == 0  # nothing searchable yet
+    assert client.append("b", keys[:3], values[:3]).pending_tokens == 3
+    assert client.describe_bank("b").chunks == 0  # nothing searchable yet
     info = client.append("b", keys[3:10], values[3:10])
-    assert (info["appended_chunks"], info["pending_tokens"]) == (2, 2)
+    assert (info.appended_chunks, info.pending_tokens) == (2, 2)
     r = client.search(["b"], torch.randn(1, 5, 2, 8), top_k=4)
     # two chunks, each found once per (query, head); tokens 8, 9 wait for the next append
     assert r.valid[..., :2].all() and not r.valid[..., 2:].any()
@@ -135,8 +135,8 @@ def test_fifo_eviction_keeps_the_newest_chunks():
     for i in range(12):  # one chunk per append
         client.append("b", keys[2 * i : 2 * i + 2], values[2 * i : 2 * i + 2])
         info = client.describe_bank("b")
-        assert info["chunks"] == min(i + 1, 5)
-        assert info["evicted_chunks"] == max(0, i + 1 - 5)
+        assert info.chunks == min(i + 1, 5)
+        assert info.evicted_chunks == max(0, i + 1 - 5)
         r = client.search(["b"], torch.randn(1, 1, 1, 4), top_k=8)
         live = sorted(r.chunk_ids[r.valid].tolist())
         assert live == list(range(max(0, i + 1 - 5), i + 1))  # oldest out first
@@ -172,8 +172,8 @@ def test_reset_and_delete():
     with pytest.raises(AlreadyExists):
         client.create_bank("b", kv_heads=1, head_dim=4)
     client.append("b", *kv(9, 1, 4))
-    assert client.reset_bank("b")["chunks"] == 0
-    assert client.describe_bank("b")["pending_tokens"] == 0
+    assert client.reset_bank("b").chunks == 0
+    assert client.describe_bank("b").pending_tokens == 0
     client.delete_bank("b")
     with pytest.raises(NotFound):
         client.describe_bank("b")
@@ -221,15 +221,15 @@ def test_in_process_snapshot_restores_and_shard_map(tmp_path):
     client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=4)
     client.append("b", keys, values)
     saved = client.snapshot()
-    assert [s["shard"] for s in saved] == [0, 1] and all(s["banks"] == 1 for s in saved)
-    assert [(s["index"], s["device"], s["banks"]) for s in client.shard_map()] == [
-        (0, "cpu", 1),
-        (1, "cpu", 1),
+    assert [(s.shard, s.banks) for s in saved] == [(0, 1), (1, 1)]
+    assert [(s.index, s.available, s.device, s.banks) for s in client.shard_map()] == [
+        (0, True, "cpu", 1),
+        (1, True, "cpu", 1),
     ]
     queries = torch.randn(1, 3, 4, 8)
     restored = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
     before, after = client.describe_bank("b"), restored.describe_bank("b")
-    assert after == before and after["lost_chunks"] == 0 and after["pending_tokens"] == 2
+    assert after == before and after.lost_chunks == 0 and after.pending_tokens == 2
     a, b = client.search(["b"], queries, 4), restored.search(["b"], queries, 4)
     assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.keys, b.keys)
     with pytest.raises(InvalidArgument, match="without --snapshot-dir"):

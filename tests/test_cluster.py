@@ -49,7 +49,7 @@ def test_node_loss_restores_the_shard_from_its_snapshot(cluster, tmp_path):
     client = MemoryClient(service.address, retries=0)
     try:
         shard_map = client.shard_map()
-        nodes = {s["node_id"] for s in shard_map}
+        nodes = {s.node_id for s in shard_map}
         assert len(nodes) == SHARDS, f"spread placement put shards on {len(nodes)} nodes"
 
         g = torch.Generator().manual_seed(0)
@@ -69,9 +69,9 @@ def test_node_loss_restores_the_shard_from_its_snapshot(cluster, tmp_path):
         assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.keys, b.keys)
 
         head = ray.get_runtime_context().get_node_id()
-        victim = next(s for s in shard_map if s["node_id"] != head)
-        node = next(w for w in workers if w.node_id == victim["node_id"])
-        lost = {i for i in range(TOKENS, TOKENS + LATE) if i % SHARDS == victim["index"]}
+        victim = next(s for s in shard_map if s.node_id != head)
+        node = next(w for w in workers if w.node_id == victim.node_id)
+        lost = {i for i in range(TOKENS, TOKENS + LATE) if i % SHARDS == victim.index}
         full = reference(keys, queries, set(), 8)
         after = reference(keys, queries, lost, 8)
 
@@ -103,8 +103,8 @@ def test_node_loss_restores_the_shard_from_its_snapshot(cluster, tmp_path):
         info = None
         while time.monotonic() < deadline:
             try:
-                shard = client.shard_map()[victim["index"]]
-                if shard["available"] and shard["restored_from_snapshot"]:
+                shard = client.shard_map()[victim.index]
+                if shard.available and shard.restored_from_snapshot:
                     info = client.describe_bank("b")
                     break
             except Unavailable:
@@ -117,8 +117,8 @@ def test_node_loss_restores_the_shard_from_its_snapshot(cluster, tmp_path):
         thread.join(timeout=30)
 
         assert info is not None, "the shard did not come back within 60 s"
-        assert shard["node_id"] != victim["node_id"]
-        assert info["lost_chunks"] == len(lost) and info["chunks"] == TOKENS + LATE - len(lost)
+        assert shard.node_id != victim.node_id
+        assert info.lost_chunks == len(lost) and info.chunks == TOKENS + LATE - len(lost)
         assert outcomes and set(outcomes) <= {"OK", "UNAVAILABLE"}, set(outcomes)
         assert "OK" in outcomes[restored_at:], "no search succeeded after the restart"
         r = client.search(["b"], queries, 8)  # lost chunks are never served

@@ -8,12 +8,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from memory_service.client import InProcessClient, MemoryClient, read_search_stream
+from memory_service.client import InProcessClient, MemoryClient
 from memory_service.errors import NotFound, Unavailable
 from memory_service.search import CompactResult
-from memory_service.server import search_messages
 from memory_service.service import start_service
 from memory_service.tenancy import Tenant, TenantTable
+from memory_service.wire import read_search_stream, search_messages
 
 ALICE, BOB, READER = "alice-key", "bob-key", "reader-key"
 TENANTS = TenantTable(
@@ -74,8 +74,8 @@ def test_round_trip_equals_in_process(services):
     assert b.valid[0].all() and b.valid[1, ..., :12].all() and not b.valid[1, ..., 12:].any()
     info_local, info_remote = local.describe_bank("rt"), remote.describe_bank("rt")
     for field in ("chunks", "size_tokens", "pending_tokens", "appended_chunks", "evicted_chunks"):
-        assert info_local[field] == info_remote[field]
-    assert info_remote["shards"] == 3 and info_remote["bytes"] > 0
+        assert getattr(info_local, field) == getattr(info_remote, field)
+    assert info_remote.shards == 3 and info_remote.bytes > 0
     remote.delete_bank("rt"), remote.delete_bank("rt2")
     remote.close()
 
@@ -128,7 +128,7 @@ def test_tenant_isolation(services):
     alice = MemoryClient(services[1].address, ALICE)
     bob = MemoryClient(services[1].address, BOB)
     fill(alice, "secret", 100, seed=3)
-    assert [b["name"] for b in bob.list_banks()] == []
+    assert [b.name for b in bob.list_banks()] == []
     for call in (
         lambda: bob.describe_bank("secret"),
         lambda: bob.search(["secret"], torch.randn(1, 1, 3, 64), 4),
@@ -141,10 +141,10 @@ def test_tenant_isolation(services):
     # bob's own 'secret' is another bank; alice's is untouched by anything bob does
     bob.create_bank("secret", kv_heads=1, head_dim=8)
     bob.append("secret", torch.randn(8, 1, 8), torch.randn(8, 1, 8))
-    assert alice.describe_bank("secret")["size_tokens"] == 100
-    assert alice.describe_bank("secret")["spec"]["kv_heads"] == 3
+    assert alice.describe_bank("secret").size_tokens == 100
+    assert alice.describe_bank("secret").spec.kv_heads == 3
     bob.delete_bank("secret")
-    assert alice.describe_bank("secret")["size_tokens"] == 100
+    assert alice.describe_bank("secret").size_tokens == 100
     alice.delete_bank("secret")
     alice.close(), bob.close()
 
@@ -164,8 +164,8 @@ def test_every_shard_endpoint_serves_the_api(services):
     queries = torch.randn(1, 9, 9, 64)
     expected = front.search(["everywhere"], queries, 8)
     shard_map = front.shard_map()
-    assert [s["index"] for s in shard_map] == [0, 1, 2]
-    endpoints = {s["endpoint"] for s in shard_map}
+    assert [s.index for s in shard_map] == [0, 1, 2]
+    endpoints = {s.endpoint for s in shard_map}
     assert len(endpoints) == 3 and services[3].address not in endpoints
     for address in endpoints:
         host, port = address.rsplit(":", 1)
@@ -177,7 +177,7 @@ def test_every_shard_endpoint_serves_the_api(services):
         via_shard.close()
     via_shard = MemoryClient(min(endpoints), ALICE)
     via_shard.append("everywhere", keys[:3], keys[:3])  # writes go through the catalog too
-    assert front.describe_bank("everywhere")["size_tokens"] == 780
+    assert front.describe_bank("everywhere").size_tokens == 780
     via_shard.close()
     front.delete_bank("everywhere")
     front.close()
