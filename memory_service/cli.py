@@ -1,7 +1,9 @@
-"""`longmem`: the command line.
+"""`longmem`: the command line, one command tree rooted here.
 
-longmem serve [--shards N] [--host H] [--port P] [--address RAY] [--tenants FILE]
-longmem demo  (a short client session against an embedded service)
+`serve` and `memory-demo` are built in this module and need the memory service alone. The
+model's commands (`demo`, `train`, `eval`, `generate`) live in `model_worker.cli`, which is
+imported only when one of them runs (or shows its --help): a memory-only node never loads
+the model code or transformers.
 """
 
 from __future__ import annotations
@@ -173,12 +175,26 @@ def add_memory_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=cmd_demo)
 
 
+# The model's commands and their one-line help (`model_worker.cli` builds their parsers).
+MODEL_COMMANDS = {
+    "demo": "the main job: adapt briefly, then evaluate memory on/off",
+    "train": "memory-augmented adaptation of the SideNet",
+    "eval": "perplexity, passkey and ICL with memory on and off",
+    "generate": "read a document into a bank, then generate with memory",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The memory service's commands (`longmem serve`, `longmem memory-demo`)."""
+    """The whole command tree. The model's commands appear by name and help only: `main`
+    hands them to `model_worker.cli` before this parser sees their flags."""
     parser = argparse.ArgumentParser(
-        prog="longmem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="longmem",
+        description="LongMem: a frozen language model with a SideNet that retrieves from a "
+        "sharded long-term memory service. `longmem COMMAND --help` for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary in MODEL_COMMANDS.items():
+        sub.add_parser(name, help=summary, add_help=False)
     add_serve_parser(sub)
     add_memory_demo_parser(sub)
     return parser
@@ -195,6 +211,11 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in MODEL_COMMANDS:
+        from model_worker import cli as model_cli
+
+        return model_cli.main(argv)
     return run(build_parser(), argv)
 
 

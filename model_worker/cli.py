@@ -1,12 +1,7 @@
-"""`longmem`: the command line.
+"""The model's commands of `longmem`: demo, train, eval and generate.
 
-longmem demo      the main job: embedded memory service, SmolLM2, brief SideNet adaptation
-                  on the default corpus, perplexity and passkey with memory on and off
-longmem train     memory-augmented adaptation through the memory service
-longmem eval      perplexity, passkey and in-context learning, memory on vs off
-longmem generate  read a document into a bank, then continue a prompt with memory
-longmem serve     run the memory service
-longmem memory-demo  a short client session against an embedded memory service
+The command tree's root is `memory_service.cli`: it lists every command and hands these
+(with the rest of the command line) to `main` here, so `longmem serve` never imports them.
 """
 
 from __future__ import annotations
@@ -184,9 +179,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     """`longmem train`, `eval`, `generate` and `demo`."""
-    p = sub.add_parser(
-        "train", help="memory-augmented adaptation of the SideNet", formatter_class=DEFAULTS
-    )
+    summary = service_cli.MODEL_COMMANDS  # one-line help, shared with the root
+    p = sub.add_parser("train", help=summary["train"], formatter_class=DEFAULTS)
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="local path or hub id")
     p.add_argument("--data", default=None, help="folder of text documents (default: stdlib)")
     p.add_argument("--out", default="runs/longmem", help="checkpoint folder")
@@ -200,9 +194,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     _add_sidenet(p)
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser(
-        "eval", help="perplexity, passkey and ICL with memory on and off", formatter_class=DEFAULTS
-    )
+    p = sub.add_parser("eval", help=summary["eval"], formatter_class=DEFAULTS)
     p.add_argument("--backbone", default=None, help="default: the checkpoint's, or SmolLM2")
     p.add_argument("--checkpoint", default=None, help="a folder written by longmem train")
     p.add_argument("--data", default=None, help="perplexity documents (default: stdlib eval split)")
@@ -221,11 +213,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     _add_sidenet(p)
     p.set_defaults(run=cmd_eval)
 
-    p = sub.add_parser(
-        "generate",
-        help="read a document into a bank, then generate with memory",
-        formatter_class=DEFAULTS,
-    )
+    p = sub.add_parser("generate", help=summary["generate"], formatter_class=DEFAULTS)
     p.add_argument("--prompt", required=True)
     p.add_argument("--document", default=None, help="text file read into the bank first")
     p.add_argument("--bank", default="document", help="bank name (of your tenant)")
@@ -240,11 +228,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     _add_memory(p)
     p.set_defaults(run=cmd_generate)
 
-    p = sub.add_parser(
-        "demo",
-        help="the main job: adapt briefly, then evaluate memory on/off",
-        formatter_class=DEFAULTS,
-    )
+    p = sub.add_parser("demo", help=summary["demo"], formatter_class=DEFAULTS)
     p.add_argument("--backbone", default=None, help="default SmolLM2 (or the checkpoint's)")
     p.add_argument("--checkpoint", default=None, help="skip training, evaluate this one")
     p.add_argument("--out", default="runs/demo", help="checkpoint and demo.json folder")
@@ -265,8 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     add_model_parsers(sub)
-    service_cli.add_serve_parser(sub)
-    service_cli.add_memory_demo_parser(sub)
     return parser
 
 

@@ -281,8 +281,8 @@ def test_a_wrong_flag_would_be_caught():
 
 def test_entry_point_is_the_projects_script():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["longmem"] == "model_worker.cli:main"
-    from model_worker import cli
+    assert scripts["longmem"] == "memory_service.cli:main"
+    from memory_service import cli
 
     assert callable(cli.main) and callable(cli.build_parser)
     # The launcher runs the same entry point, and its own command line parses too.
