@@ -30,6 +30,7 @@ protos: setup
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/longmem/v1/*.proto
 
 bench: setup
+	$(PIP) install -e '.[bench]'
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_shards.py
 	$(PY) benchmarks/bench_model.py

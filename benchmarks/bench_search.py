@@ -10,7 +10,8 @@ Rows, all measured in this run:
 - bank in-process: `InProcessClient` (this project's bank, no Ray, no gRPC);
 - gRPC, 1 and 2 shards: `MemoryClient` against the service (Ray actors) on loopback.
 
-Prints a table and writes benchmarks/results/search.json.
+Prints a table and writes benchmarks/results/search.json. The baseline needs faiss, in the
+project's `bench` extra (`pip install -e '.[bench]'`; `make bench` installs it).
 """
 
 from __future__ import annotations

@@ -16,9 +16,7 @@ the catalog starts again (a restarted coordinator resumes every stream where it 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from memory_service.errors import (
     NotFound,
     ResourceExhausted,
 )
+from memory_service.files import atomic_write
 from memory_service.search import ShardCall
 from memory_service.shard import ShardInfo, ShardSnapshot, split_chunks
 from memory_service.tenancy import Tenant
@@ -87,15 +86,7 @@ class Catalog:
                 for e in self.banks.values()
             ],
         }
-        path = Path(self.snapshot_dir) / CATALOG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(Path(self.snapshot_dir) / CATALOG_FILE, lambda tmp: torch.save(state, tmp))
 
     def _load(self) -> None:
         path = Path(self.snapshot_dir) / CATALOG_FILE

@@ -12,7 +12,6 @@ chunk that has since been evicted.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from memory_service.bank import BankSpec, ChunkStore
 from memory_service.errors import InvalidArgument, NotFound
+from memory_service.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -147,14 +147,8 @@ class Shard:
     def save_snapshot(self, directory: str | os.PathLike) -> ShardSnapshot:
         """Write every bank of this shard to one file (temporary name, then rename)."""
         path = self.snapshot_path(directory)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save({key: s.state() for key, s in self.stores.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        states = {key: s.state() for key, s in self.stores.items()}
+        atomic_write(path, lambda tmp: torch.save(states, tmp))
         return ShardSnapshot(self.index, len(self.stores), path.stat().st_size)
 
     def load_snapshot(self, directory: str | os.PathLike) -> bool:
