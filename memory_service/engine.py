@@ -12,7 +12,8 @@ The split follows vLLM v1 (engine core, core client, workers):
 
 `MemoryEngine.local` builds the core and the workers in this process;
 `memory_service.actor_calls.ray_engine` reaches them as Ray actors (any process in the
-cluster can hold one). `Engine` is the interface the server runs against.
+cluster can hold one). `Engine` is the interface the server runs against. The whole picture:
+docs/architecture.md.
 """
 
 from __future__ import annotations
