@@ -73,7 +73,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         info = client.create_bank(
             "book", kv_heads=kv_heads, head_dim=head_dim, capacity_tokens=8192
         )
-        print(f"created bank 'book': {info.spec}")
+        print(f"created bank 'book': {info.spec.to_dict()}")
         g = torch.Generator().manual_seed(0)
         for _ in range(4):
             keys = torch.randn(1000, kv_heads, head_dim, generator=g)
