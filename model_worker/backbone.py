@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from model_worker.positions import apply_rotary
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
@@ -124,8 +125,7 @@ class LlamaAdapter(Adapter):
 
     def rotate(self, q, k, layer_kwargs):
         cos, sin = layer_kwargs["position_embeddings"]  # (B, T, D) each
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
     def out_proj(self, layer, y):
         return layer.self_attn.o_proj(y)
@@ -173,11 +173,6 @@ def _var_keyword(fn) -> str | None:
     """Name of fn's **kwargs parameter, if any."""
     params = inspect.signature(fn).parameters.values()
     return next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def adapter_for(config) -> Adapter:
@@ -274,27 +269,18 @@ class Backbone(nn.Module):
         keys, values = self.adapter.kv_from_outputs(kv, self.n_kv_heads, self.head_dim)
         return BackboneOutput(hidden, layer_kwargs, keys, values)
 
+    def rotary_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin (D,) of one position for rotary backbones; None for others."""
+        rotary = getattr(self.model.base_model, "rotary_emb", None)
+        if rotary is None:
+            return None
+        x = torch.zeros(1, dtype=self.dtype)
+        cos, sin = rotary(x, torch.tensor([[position]]))  # (1, 1, D) each
+        return cos[0, 0], sin[0, 0]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final hidden (B, T, C) -> logits (B, T, V) through the frozen final norm and head."""
         return self.model.get_output_embeddings()(self.adapter.final_norm(self.model)(hidden))
-
-
-def local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Causal attention. q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq, D).
-
-    Query head h reads key/value head h // (Hq / Hkv). `mask` is the backbone's own
-    attention mask if it built one (bool or additive, (B, 1, T, T)); else plain causal.
-    """
-    rep = q.shape[2] // k.shape[2]
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return y.transpose(1, 2)  # (B, T, Hq, D)
 
 
 # --- loading -------------------------------------------------------------------------

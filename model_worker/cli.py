@@ -60,6 +60,11 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, segment_len: int) ->
     p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--gate-lr", type=float, default=2e-2, help="lr of the memory gates")
+    p.add_argument(
+        "--mix", choices=["recall", "plain"], default="recall",
+        help="recall: documents with far-past dependencies written in; plain: as they are",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")

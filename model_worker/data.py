@@ -3,6 +3,13 @@
 A corpus is a folder of long plain-text documents (every non-hidden file under it, UTF-8),
 or, by default, the Python standard library's own `.py` sources: long documents whose
 names are defined far from where they are used, present on every machine with Python.
+`RecallCorpus` turns a corpus into training documents with far-past dependencies
+(`model_worker.recall`).
+
+Reading grid: the first `context` tokens of a document are context only; segment k is
+tokens `[context + k*T, context + (k+1)*T)`, read in a window that starts `context` tokens
+earlier (`windows`), so no segment is encoded from position 0 and no segment start (an
+attention sink) is written to memory.
 
 Training reads B streams at once: row b of every batch is the next segment of stream b,
 so stream b's memory bank always holds the earlier segments of the document it is reading.
@@ -12,6 +19,7 @@ When a stream's document ends it takes the next one and its bank must be reset
 
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 import zlib
@@ -20,10 +28,13 @@ from pathlib import Path
 
 import torch
 
+from model_worker.recall import RecallConfig, recall_document
+
 # Default corpus: stdlib files of at least this many bytes per segment token (code is about
 # 3-4 bytes a token), so most hold several segments.
 DEFAULT_MIN_BYTES_PER_TOKEN = 12
 EVAL_SHARE = 20  # 1 document in EVAL_SHARE (by a hash of its name) is held out for eval
+RECALL_DOCUMENTS = 1_000_000  # a recall corpus is this long (generated on demand)
 
 
 class DataError(ValueError):
@@ -45,7 +56,8 @@ def _is_eval(name: str) -> bool:
 
 
 class Corpus:
-    """The documents of a folder (or of the standard library when `path` is None).
+    """The documents of a folder, of a comma-separated list of files, or of the standard
+    library when `path` is None.
 
     `split` is "train", "eval" or "all"; with the default corpus "eval" is a fixed 1/20
     of the files (by a hash of their names) and "train" the rest. Documents are tokenized
@@ -56,22 +68,21 @@ class Corpus:
     def __init__(self, path: str | Path | None, tokenizer, segment_len: int, split: str = "all"):
         self.tokenizer, self.segment_len = tokenizer, segment_len
         self.default = path is None
-        root = stdlib_dir() if path is None else Path(path)
-        if not root.is_dir():
-            raise DataError(f"data folder {root} does not exist (give a folder of text files)")
-        if self.default:
-            min_bytes = DEFAULT_MIN_BYTES_PER_TOKEN * segment_len
-            files = [
-                f
-                for f in root.rglob("*.py")
-                if "site-packages" not in f.parts and f.stat().st_size >= min_bytes
+        listed = [Path(p) for p in str(path).split(",")] if path is not None else []
+        if len(listed) > 1 or (listed and listed[0].is_file()):  # a list of files
+            missing = [str(f) for f in listed if not f.is_file()]
+            if missing:
+                raise DataError(f"data file(s) {', '.join(missing)} do not exist")
+            root, files = Path(os.path.commonpath([f.resolve().parent for f in listed])), [
+                f.resolve() for f in listed
             ]
         else:
-            files = [
-                f
-                for f in root.rglob("*")
-                if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts)
-            ]
+            root = stdlib_dir() if path is None else Path(path)
+            if not root.is_dir():
+                raise DataError(
+                    f"data folder {root} does not exist (give a folder of text files)"
+                )
+            files = self._folder_files(root, segment_len)
         files = sorted(files)
         if split != "all":
             keep = split == "eval"
@@ -80,6 +91,20 @@ class Corpus:
             raise DataError(f"data folder {root} holds no documents ({split} split)")
         self.root, self.files = root, files
         self._cache: dict[Path, Document | None] = {}
+
+    def _folder_files(self, root: Path, segment_len: int) -> list[Path]:
+        if self.default:
+            min_bytes = DEFAULT_MIN_BYTES_PER_TOKEN * segment_len
+            return [
+                f
+                for f in root.rglob("*.py")
+                if "site-packages" not in f.parts and f.stat().st_size >= min_bytes
+            ]
+        return [
+            f
+            for f in root.rglob("*")
+            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(root).parts)
+        ]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -91,16 +116,23 @@ class Corpus:
             self._cache[f] = self._read(f)
         return self._cache[f]
 
-    def _read(self, f: Path) -> Document | None:
-        name = str(f.relative_to(self.root))
+    def text(self, i: int) -> str | None:
+        """Document i as text; None for a default-corpus file that is not UTF-8."""
+        f = self.files[i]
         try:
-            text = f.read_text(encoding="utf-8")
+            return f.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             if self.default:
                 return None
             raise DataError(
                 f"{f} is not a UTF-8 text file; the data folder must hold only text"
             ) from None
+
+    def _read(self, f: Path) -> Document | None:
+        name = str(f.relative_to(self.root))
+        text = self.text(self.files.index(f))
+        if text is None:
+            return None
         tokens = torch.tensor(encode(self.tokenizer, text), dtype=torch.long)
         if len(tokens) <= self.segment_len:
             if self.default:
@@ -127,6 +159,38 @@ class Corpus:
         return docs
 
 
+class RecallCorpus:
+    """Documents with far-past dependencies written into spans of `source`'s texts
+    (`model_worker.recall`); document i is the same for a given seed, made when read."""
+
+    def __init__(self, source: Corpus, seed: int = 0, config: RecallConfig = RecallConfig()):
+        self.source, self.seed, self.config = source, seed, config
+        self.root, self.segment_len = source.root, source.segment_len
+        texts = [source.text(i) for i in range(len(source))]
+        self.texts = [(f.name, t) for f, t in zip(source.files, texts, strict=True) if t]
+        if not self.texts:
+            raise DataError(f"data folder {source.root} holds no text to build documents from")
+
+    def __len__(self) -> int:
+        return RECALL_DOCUMENTS
+
+    def document(self, i: int) -> Document | None:
+        rng = random.Random(self.seed * RECALL_DOCUMENTS + i)
+        name, text = rng.choice(self.texts)
+        tokens = encode(self.source.tokenizer, recall_document(text, rng, self.config))
+        if len(tokens) <= self.segment_len:
+            return None
+        return Document(f"recall-{i}:{name}", torch.tensor(tokens, dtype=torch.long))
+
+
+def windows(n_tokens: int, segment_len: int, context: int) -> list[tuple[int, int, int]]:
+    """The reading grid of a stream of n_tokens: (window start, segment start, end) per
+    segment; the last one may be shorter. Tokens `[window start, segment start)` are
+    context only."""
+    starts = range(context, n_tokens, segment_len)
+    return [(s - context, s, min(s + segment_len, n_tokens)) for s in starts]
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of arbitrarily long text, without special tokens or length warnings."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -137,8 +201,8 @@ def encode(tokenizer, text: str) -> list[int]:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T) next tokens
+    input_ids: torch.Tensor  # (B, context + T): context, then the segment
+    targets: torch.Tensor  # (B, T) next tokens of the segment
     new_document: list[bool]  # row b starts a new document: reset stream b's bank first
     documents: list[str]  # row b's document name
 
@@ -158,8 +222,9 @@ class Streams:
     `state_dict()`/`load_state_dict()` make the position resumable.
     """
 
-    corpus: Corpus
+    corpus: Corpus | RecallCorpus
     batch_size: int
+    context: int = 0
     seed: int = 0
     rank: int = 0
     world: int = 1
@@ -179,7 +244,8 @@ class Streams:
     def _take_next(self, s: StreamState) -> None:
         for _ in range(len(self.order)):
             k, self.next_doc = self.next_doc, self.next_doc + 1
-            if self._doc(k) is not None:
+            doc = self._doc(k)
+            if doc is not None and len(doc.tokens) > self.context + self.corpus.segment_len:
                 s.doc, s.segment = k, 0
                 return
         raise DataError(f"no document in {self.corpus.root} is longer than one segment")
@@ -188,17 +254,17 @@ class Streams:
         return self._doc(self.streams[b].doc)
 
     def next_batch(self) -> Batch:
-        T = self.corpus.segment_len
+        T, P = self.corpus.segment_len, self.context
         ids, targets, new, names = [], [], [], []
         for s in self.streams:
             doc = self._doc(s.doc) if s.doc >= 0 else None
-            if doc is None or (s.segment + 1) * T + 1 > len(doc.tokens):
+            if doc is None or P + (s.segment + 1) * T + 1 > len(doc.tokens):
                 self._take_next(s)
                 doc = self._doc(s.doc)
             start = s.segment * T
-            chunk = doc.tokens[start : start + T + 1]  # (T + 1,)
+            chunk = doc.tokens[start : start + P + T + 1]  # (P + T + 1,)
             ids.append(chunk[:-1])
-            targets.append(chunk[1:])
+            targets.append(chunk[P + 1 :])
             new.append(s.segment == 0)
             names.append(doc.name)
             s.segment += 1

@@ -1,30 +1,25 @@
 """Joint attention: the memory-augmented SideNet layer.
 
-Per head h and token t (DESIGN.md section 1):
+Per head h and token t, with q the layer's query, local keys/values rotated as usual and
+the token's K retrieved memory pairs (stored without position):
 
-    A = softmax(q_rot K_local_rot^T * scale) V_local        causal local attention
-    M = softmax(q_t K_mem(t)^T / sqrt(d)) V_mem(t)           over t's K retrieved pairs
-    out = (1 - sigmoid(g_h)) * A + sigmoid(g_h) * M          g initialised to 0
+    A, lse_A = softmax-attention over the local causal window   (and its log-sum-exp)
+    M, lse_M = softmax-attention over the K retrieved pairs, q rotated by `memory_distance`
+    w = sigmoid(lse_M - lse_A + bias_h)                          per-token memory share
+    y = A + scale_h * w * (M - A)
 
-Following the official code (`Victorwz/LongMem`,
-`fairseq/modules/joint_multihead_attention_sum.py`, `JointMultiheadAttentionWeightedSum`):
-two separate softmaxes mixed by a per-head `memory_bias` gate with `1 - sigmoid` on the
-local side; the retrieval query is the layer's own `q_proj` output on its normed input,
-unscaled (`sidenet_layer_palm_sidenet_retrieval.py`); retrieved keys/values are used as
-stored, with no projection; the rest of the layer (MLP, residuals) is unchanged.
+With scale_h = 1 and bias_h = 0, y is one softmax over [local; memory] (what
+memorizing-transformers and InfLLM use): w is exactly the share of that softmax's mass that
+falls on memory, so each token opens memory as much as its scores call for. The paper's
+two softmaxes mixed by a constant per-head gate, `(1 - sigmoid(g_h)) A + sigmoid(g_h) M`,
+cannot do that. `scale` starts at 0, so the untrained layer is exactly the copied backbone
+layer even with memory on; training opens it head by head (first-order: its gradient is
+the loss change memory would bring). `bias` shifts a head's memory share; both are the
+"gates", trained with their own learning rate and no weight decay.
 
-Where we differ and why:
-- Rotary backbones: local attention rotates q and k as the layer normally does, but
-  memory attention and retrieval use the un-rotated query against un-rotated cached keys,
-  so memory stays position-free (the official GPT-2-like backbone uses ALiBi, which adds
-  a bias to local scores only, so its memory side is position-free too).
-- Grouped-query attention: query head h reads key/value head h // (Hq / Hkv) locally;
-  the memory service applies the same mapping to banks (the official code has no GQA).
-- Invalid retrieved slots (a bank holding fewer than K/csz chunks) are masked; a token
-  with no valid slot gets A alone. With memory off or every bank empty the wrapped layer
-  runs unchanged, which is exactly the original layer (the official code skips memory
-  only while the whole memory is empty).
-- No dropout on attention probabilities (the backbones we load use 0).
+Retrieval uses the same rotated query (un-scaled) against the chunks' mean keys. Retrieved
+keys/values are the backbone's own projections, used as stored. Grouped-query attention:
+query head h reads key/value head h // (Hq / Hkv), locally and in the banks.
 """
 
 from __future__ import annotations
@@ -35,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_worker.backbone import Adapter, local_attention
+from model_worker.backbone import Backbone
 from model_worker.memory import SearchResult
+from model_worker.positions import apply_rotary
 
 Retrieve = Callable[[torch.Tensor], SearchResult]
 
@@ -47,64 +43,105 @@ def run_layer(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any]) -
     return out[0] if isinstance(out, tuple) else out
 
 
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention with its log-sum-exp.
+
+    q (B, T, Hq, D), k/v (B, T, Hkv, D) -> out (B, T, Hq, D), lse (B, T, Hq). `mask` is the
+    backbone's own mask if it built one (bool: True = attend, or additive; (B, 1, T, T)).
+    """
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = (q @ k.transpose(-1, -2)).float() * scale  # (B, H, T, T)
+    if mask is None:
+        t = s.shape[-1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
+    if mask.dtype == torch.bool:
+        s = s.masked_fill(~mask, float("-inf"))
+    else:
+        s = s + mask
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, T)
+    y = torch.exp(s - lse[..., None]).to(v.dtype) @ v  # (B, H, T, D)
+    return y.transpose(1, 2), lse.transpose(1, 2)
+
+
 def memory_attention(
-    q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each token over its own retrieved pairs.
 
     q (B, T, H, D), mem_k/mem_v (B, T, H, K, D), mask (B, T, H, K) bool
-    -> out (B, T, H, D), has_memory (B, T, H) bool.
+    -> out (B, T, H, D), lse (B, T, H) (-inf where a token has no valid pair).
     """
-    d = q.shape[-1]
-    s = torch.einsum("bthd,bthkd->bthk", q.float(), mem_k.float()) * d**-0.5  # (B, T, H, K)
-    # finfo.min, not -inf: a fully masked row stays finite (uniform), so no NaN reaches
-    # the backward pass; such rows are replaced by A in the caller anyway.
+    s = torch.einsum("bthd,bthkd->bthk", q.float(), mem_k.float()) * scale  # (B, T, H, K)
+    # finfo.min, not -inf: a fully masked row stays finite, so no NaN reaches backward
     s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1).to(q.dtype)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).to(q.dtype)
     out = torch.einsum("bthk,bthkd->bthd", p, mem_v)
-    return out, mask.any(dim=-1)
+    return out, lse.masked_fill(~mask.any(-1), float("-inf"))
 
 
 class JointAttentionLayer(nn.Module):
     """A deep-copied backbone decoder layer whose self-attention becomes joint attention.
 
-    The wrapped layer keeps its own parameters (trainable, as part of the SideNet); the
-    only new parameter is the per-head gate `g` (Hq,), initialised to 0.
+    New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0.
     """
 
-    def __init__(
-        self, layer: nn.Module, adapter: Adapter, n_heads: int, n_kv_heads: int, head_dim: int
-    ):
+    def __init__(self, layer: nn.Module, backbone: Backbone, memory_distance: int):
         super().__init__()
         self.layer = layer
-        self.adapter = adapter
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.gate = nn.Parameter(torch.zeros(n_heads))
+        self.adapter = backbone.adapter
+        self.n_heads, self.n_kv_heads = backbone.n_heads, backbone.n_kv_heads
+        self.head_dim = backbone.head_dim
+        self.scale = nn.Parameter(torch.zeros(self.n_heads))
+        self.bias = nn.Parameter(torch.zeros(self.n_heads))
+        # rotary backbones: cos/sin of position `memory_distance`, (D,) each
+        cos_sin = backbone.rotary_at(memory_distance)
+        self.register_buffer("mem_cos", None if cos_sin is None else cos_sin[0], persistent=False)
+        self.register_buffer("mem_sin", None if cos_sin is None else cos_sin[1], persistent=False)
+
+    def gates(self) -> list[nn.Parameter]:
+        return [self.scale, self.bias]
+
+    def memory_query(self, q: torch.Tensor) -> torch.Tensor:
+        """Un-rotated q (B, T, Hq, D) -> the query that meets memory `memory_distance` back."""
+        if self.mem_cos is None:
+            return q
+        return apply_rotary(q, self.mem_cos.to(q.dtype), self.mem_sin.to(q.dtype))
 
     def forward(
-        self, x: torch.Tensor, layer_kwargs: dict[str, Any], retrieve: Retrieve | None
+        self,
+        x: torch.Tensor,
+        layer_kwargs: dict[str, Any],
+        retrieve: Retrieve | None,
+        n_context: int = 0,
     ) -> tuple[torch.Tensor, SearchResult | None]:
-        """x (B, T, C) -> (B, T, C) and the search result used (None when none was).
+        """x (B, T, C) -> (B, T, C) and the search result used (None when memory is off).
 
-        `retrieve(q)` gets the un-rotated, unscaled queries (B, T, Hq, D), detached, and
-        returns the memory for them; None means memory is off.
+        `retrieve(q)` gets the memory queries (B, T - n_context, Hq, D), detached; the first
+        `n_context` positions are context only and use local attention alone.
         """
         if retrieve is None:
             return run_layer(self.layer, x, layer_kwargs), None
         ad, layer = self.adapter, self.layer
         h = ad.norm1(layer)(x)
         q, k, v = ad.qkv(layer, h, self.n_heads, self.n_kv_heads, self.head_dim)
-        found = retrieve(q.detach())  # before this segment's own keys enter the bank
-        if not bool(found.valid.any()):
-            return run_layer(layer, x, layer_kwargs), found
+        q_mem = self.memory_query(q[:, n_context:])  # (B, T', Hq, D)
+        found = retrieve(q_mem.detach())  # before this segment's own keys enter the bank
         q_rot, k_rot = ad.rotate(q, k, layer_kwargs)
-        mask = layer_kwargs.get("attention_mask")
-        a = local_attention(q_rot, k_rot, v, ad.attn(layer).scaling, mask)  # (B, T, Hq, D)
+        scaling = ad.attn(layer).scaling
+        a, lse_a = local_attention(q_rot, k_rot, v, scaling, layer_kwargs.get("attention_mask"))
         to = {"device": q.device, "dtype": q.dtype}
-        m, has = memory_attention(
-            q, found.keys.to(**to), found.values.to(**to), found.token_mask().to(q.device)
+        m, lse_m = memory_attention(
+            q_mem, found.keys.to(**to), found.values.to(**to), found.token_mask().to(q.device),
+            scaling,
         )
-        g = torch.sigmoid(self.gate).to(q.dtype)[:, None]  # (Hq, 1)
-        y = torch.where(has[..., None], (1 - g) * a + g * m, a)  # (B, T, Hq, D)
+        w = torch.sigmoid(lse_m - lse_a[:, n_context:] + self.bias)  # (B, T', Hq)
+        a_new = a[:, n_context:]
+        y_new = a_new + (self.scale * w).to(q.dtype)[..., None] * (m - a_new)
+        y = torch.cat([a[:, :n_context], y_new], dim=1)  # (B, T, Hq, D)
         x = x + ad.out_proj(layer, y.flatten(2))
         return x + ad.mlp(layer)(ad.norm2(layer)(x)), found

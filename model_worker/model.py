@@ -33,14 +33,16 @@ CHECKPOINT_CONFIG = "longmem.json"
 
 @dataclass
 class LongMemOutput:
-    logits: torch.Tensor  # (B, T, V)
-    keys: torch.Tensor  # (B, T, Hkv, D) backbone layer-m keys (un-rotated), to append
-    values: torch.Tensor  # (B, T, Hkv, D)
+    logits: torch.Tensor  # (B, T - n_context, V): the segment's tokens only
+    keys: torch.Tensor  # (B, T - n_context, Hkv, D) backbone layer-m keys (un-rotated), to append
+    values: torch.Tensor  # (B, T - n_context, Hkv, D)
     retrieved: SearchResult | None  # what the memory layer got (None: memory not used)
+    memory_off_logits: torch.Tensor | None = None  # like logits, with `references=True`
+    backbone_logits: torch.Tensor | None = None  # like logits: the frozen backbone alone
 
 
 class LongMemModel(nn.Module):
-    """Backbone (frozen) + SideNet (trainable: copied layers and the joint-attention gate)."""
+    """Backbone (frozen) + SideNet (copied layers and the joint-attention gates)."""
 
     def __init__(
         self,
@@ -74,17 +76,34 @@ class LongMemModel(nn.Module):
     def head_dim(self) -> int:
         return self.backbone.head_dim
 
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.model.device
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.sidenet.parameters() if p.requires_grad]
+
+    def gates(self) -> dict[str, torch.Tensor]:
+        """The memory layer's per-head gates, detached: {"scale": (Hq,), "bias": (Hq,)}."""
+        mem = self.sidenet.memory
+        return {"scale": mem.scale.detach(), "bias": mem.bias.detach()}
 
     def forward(
         self,
         input_ids: torch.Tensor,
         streams: Sequence[str] | None = None,
         memory: Memory | None = None,
+        n_context: int = 0,
+        references: bool = False,
     ) -> LongMemOutput:
         """input_ids (B, T); streams[b] names row b's bank. Memory is used when
-        `config.use_memory` is set and both streams and memory are given."""
+        `config.use_memory` is set and both streams and memory are given.
+
+        The first `n_context` tokens are context only (the tail of the previous segment):
+        they neither query memory nor are returned for appending, so no segment's start
+        (an attention sink) enters a bank. `references` also returns, from the same backbone
+        pass, the logits with memory off and those of the backbone alone.
+        """
         bb = self.backbone(input_ids)
         retrieve = None
         if self.config.use_memory and memory is not None and streams is not None:
@@ -96,8 +115,18 @@ class LongMemModel(nn.Module):
             def retrieve(q: torch.Tensor) -> SearchResult:
                 return memory.search(banks, q.float(), top_k)
 
-        hidden, found = self.sidenet(bb, retrieve)
-        return LongMemOutput(self.backbone.logits(hidden), bb.keys, bb.values, found)
+        hidden, found = self.sidenet(bb, retrieve, n_context)
+        out = LongMemOutput(
+            self.backbone.logits(hidden[:, n_context:]),
+            bb.keys[:, n_context:],
+            bb.values[:, n_context:],
+            found,
+        )
+        if references:
+            off = self.sidenet(bb, None)[0] if retrieve is not None else hidden
+            out.memory_off_logits = self.backbone.logits(off[:, n_context:])
+            out.backbone_logits = self.backbone.logits(bb.hidden[-1][:, n_context:])
+        return out
 
     # --- memory helpers ------------------------------------------------------------
 
@@ -147,11 +176,16 @@ class LongMemModel(nn.Module):
         }
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Write SideNet + gate weights (safetensors) and a JSON config naming the backbone
+        """Write the trained SideNet weights and gates (safetensors; frozen copies of backbone
+        layers are rebuilt from the backbone) and a JSON config naming the backbone
         into folder `path`; each file is written to a temporary name, then renamed."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {n: p.detach().contiguous().cpu() for n, p in self.sidenet.named_parameters()}
+        tensors = {
+            n: p.detach().contiguous().cpu()
+            for n, p in self.sidenet.named_parameters()
+            if p.requires_grad
+        }
         meta = {"backbone": self.backbone_signature(), "sidenet": self.config.to_dict()}
         _atomic_write(path / CHECKPOINT_WEIGHTS, lambda f: save_file(tensors, f))
         _atomic_write(
@@ -178,7 +212,7 @@ class LongMemModel(nn.Module):
                 f"{self.config.to_dict()}"
             )
         state = load_file(path / CHECKPOINT_WEIGHTS)
-        params = dict(self.sidenet.named_parameters())
+        params = {n: p for n, p in self.sidenet.named_parameters() if p.requires_grad}
         if set(state) != set(params):
             raise ValueError(f"checkpoint {path} does not match this SideNet's parameters")
         with torch.no_grad():

@@ -1,22 +1,28 @@
-"""Residual SideNet: L/r trainable layers copied from the frozen backbone.
+"""Residual SideNet: trainable copies of every r-th backbone layer, starting at the memory layer.
 
-SideNet layer l (1-based) starts as a deep copy of backbone layer r*l (1-based, i.e.
-index r*l - 1), and
+SideNet layer i (0-based) is a copy of backbone layer `src(i) = r * (i + 1) - 1` (0-based)
+and stands in for the r backbone layers `r*i .. src(i)`. With `H[j]` the backbone's input to
+its layer j (`H[0]` = embeddings, `H[L]` = output of the last layer):
 
-    H_side[0] = H_llm[0]                                  (backbone embeddings)
-    H_side[l] = f_side[l](H_side[l-1]) + (H_llm[r*l] - H_llm[r*(l-1)])
+    x_i = x_{i-1} + (H[src(i)] - H[r*i])    cross-network residual: the r - 1 backbone
+                                            layers the SideNet does not copy
+    x_i = f_i(x_i)                          the copied layer, on the memory-aware stream
 
-where f_side[l] is the whole copied decoder layer (its own internal residuals included).
-The final norm and LM head are the backbone's, frozen.
+The final state goes through the backbone's frozen final norm and LM head.
 
-This follows the official code (`Victorwz/LongMem`,
-`fairseq/models/sidenet/transformer_decoder_sidenet.py`): layer i (0-based) reloads
-`transformer.h[r*i + 1]` for r = 2, the memory-augmented layer is index
-`retrieval_layer // r`, and the residual is added to the layer output. Differences: all
-SideNet layers are trained (the official code tries to freeze the lower half with a
-no-op `module.requires_grad = False`), and the layers are the backbone's own Hugging Face
-layer classes, each called with the keyword arguments (mask, rotary cos/sin) the backbone
-passed to the layer it was copied from.
+Why this form (the paper writes `f_i(x_{i-1}) + (H[r*(i+1)] - H[r*i])`): there the copied
+layer's own update is added on top of the backbone's update of the same layer, so at
+initialisation the SideNet is not the backbone (it counts layer r*(i+1) twice; 241
+perplexity untrained on SmolLM2) and training first spends its budget undoing that. Here
+each copy runs where its source layer runs, on the same input, so an untrained SideNet
+reproduces the backbone exactly, and any change memory makes to the stream is carried on by
+the upper layers as the backbone itself would carry it.
+
+Layers below the memory layer never see memory: untrained copies there are the backbone's
+own layers, so their output is `H[r*i]` and the SideNet starts at the memory layer (the
+official code, `Victorwz/LongMem`, also means to freeze that lower half). `train_layers`
+chooses what trains: `memory` (default: the memory layer and its gates; the copies above it
+stay frozen copies of the backbone and are not stored in checkpoints) or `all`.
 """
 
 from __future__ import annotations
@@ -32,20 +38,26 @@ from model_worker.joint_attention import JointAttentionLayer, Retrieve, run_laye
 from model_worker.memory import SearchResult
 
 # Default depth of the retrieval layer as a fraction of the backbone's depth: on SmolLM2
-# (30 layers) index 17 scored best of 13/17/21/25/29 (DESIGN.md section 4); the paper
-# uses the 18th of 24 layers.
+# (30 layers) index 17 captured the most of the backbone's attention on distant text of
+# 13/17/21/25 (benchmarks/bench_retrieval.py); the paper uses the 18th of 24 layers.
 RETRIEVAL_DEPTH = 0.6
+TRAIN_LAYERS = ("memory", "all")
 
 
 @dataclass
 class SideNetConfig:
     """LongMem hyper-parameters. `None` fields are derived from the backbone by `resolve`.
 
-    r: layer reduction factor (SideNet has L / r layers).
+    r: layer reduction factor (the SideNet copies every r-th backbone layer).
     retrieval_layer: m, 0-based backbone layer whose keys/values fill the memory.
     memory_layer: 0-based SideNet layer doing joint attention; default the layer copied
         from backbone layer m, i.e. (m + 1) / r - 1 (so m + 1 must be divisible by r).
     k: retrieved tokens per token and head; chunk_size: tokens per memory chunk.
+    context: tokens of the previous segment that every segment is read after (context
+        only: they neither query memory nor are written to it; see `data.windows`).
+    memory_distance: the query meets memory keys (stored without position) as if they sat
+        this many tokens back (rotary backbones; 0 = un-rotated).
+    train_layers: `memory` (the memory layer and its gates) or `all` SideNet layers.
     use_memory: off = every layer is plain local attention.
     """
 
@@ -54,6 +66,9 @@ class SideNetConfig:
     memory_layer: int | None = None
     k: int = 64
     chunk_size: int = 4
+    context: int = 64
+    memory_distance: int = 512
+    train_layers: str = "memory"
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:
@@ -78,6 +93,12 @@ class SideNetConfig:
             raise ValueError(f"memory_layer {mem} not in [0, {n_layers // r})")
         if self.k < 1 or self.k % self.chunk_size:
             raise ValueError(f"k={self.k} must be a positive multiple of chunk_size")
+        if self.context < 0:
+            raise ValueError(f"context {self.context} must be >= 0")
+        if self.memory_distance < 0:
+            raise ValueError(f"memory_distance {self.memory_distance} must be >= 0")
+        if self.train_layers not in TRAIN_LAYERS:
+            raise ValueError(f"train_layers {self.train_layers!r} not in {TRAIN_LAYERS}")
         return replace(self, retrieval_layer=m, memory_layer=mem)
 
     def to_dict(self) -> dict:
@@ -85,37 +106,42 @@ class SideNetConfig:
 
 
 class SideNet(nn.Module):
-    """The trainable side network; `config` must be resolved."""
+    """The side network from the memory layer up; `config` must be resolved."""
 
     def __init__(self, backbone: Backbone, config: SideNetConfig):
         super().__init__()
         self.config = config
         self.r = config.r
+        self.first = config.memory_layer  # SideNet index of self.layers[0]
         src = backbone.adapter.layers(backbone.model)
         layers = []
-        for i in range(backbone.n_layers // self.r):  # SideNet index i = layer l - 1
-            layer = copy.deepcopy(src[self.r * (i + 1) - 1]).requires_grad_(True)
+        for i in range(self.first, backbone.n_layers // self.r):
+            layer = copy.deepcopy(src[self.source(i)])
             if i == config.memory_layer:
-                layer = JointAttentionLayer(
-                    layer,
-                    backbone.adapter,
-                    backbone.n_heads,
-                    backbone.n_kv_heads,
-                    backbone.head_dim,
-                )
-            layers.append(layer)
+                layer = JointAttentionLayer(layer, backbone, config.memory_distance)
+            trained = config.train_layers == "all" or i == config.memory_layer
+            layers.append(layer.requires_grad_(trained))
         self.layers = nn.ModuleList(layers)
 
+    def source(self, i: int) -> int:
+        """0-based backbone layer that SideNet layer i copies."""
+        return self.r * (i + 1) - 1
+
+    @property
+    def memory(self) -> JointAttentionLayer:
+        return self.layers[0]
+
     def forward(
-        self, bb: BackboneOutput, retrieve: Retrieve | None
+        self, bb: BackboneOutput, retrieve: Retrieve | None, n_context: int = 0
     ) -> tuple[torch.Tensor, SearchResult | None]:
-        """Backbone states -> final SideNet hidden (B, T, C) and the memory search result."""
-        x, found = bb.hidden[0], None  # (B, T, C)
-        for i, layer in enumerate(self.layers):
-            kwargs = bb.layer_kwargs[self.r * (i + 1) - 1]  # those of its source layer
-            if isinstance(layer, JointAttentionLayer):
-                x, found = layer(x, kwargs, retrieve)
+        """Backbone states -> final SideNet hidden (B, T, C) and the memory search result.
+        The first `n_context` positions are context only: they do not query memory."""
+        x, found = bb.hidden[self.r * self.first], None  # (B, T, C)
+        for i, layer in enumerate(self.layers, start=self.first):
+            src = self.source(i)
+            x = x + (bb.hidden[src] - bb.hidden[self.r * i])  # the layers not copied
+            if i == self.first:
+                x, found = layer(x, bb.layer_kwargs[src], retrieve, n_context)
             else:
-                x = run_layer(layer, x, kwargs)
-            x = x + (bb.hidden[self.r * (i + 1)] - bb.hidden[self.r * i])
+                x = run_layer(layer, x, bb.layer_kwargs[src])
         return x, found

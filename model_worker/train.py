@@ -31,7 +31,7 @@ from memory_service import errors
 from memory_service.client import MemoryClient
 from memory_service.tenancy import DEFAULT_API_KEY
 from model_worker.backbone import DEFAULT_BACKBONE
-from model_worker.data import Corpus, DataError, Streams
+from model_worker.data import Corpus, DataError, RecallCorpus, Streams, windows
 from model_worker.model import CHECKPOINT_CONFIG, LongMemModel
 from model_worker.sidenet import SideNetConfig
 
@@ -49,6 +49,7 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1
     lr: float = 2e-4
+    gate_lr: float = 2e-2  # the memory gates (scale, bias): own rate, no weight decay
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -65,6 +66,7 @@ class TrainConfig:
     workers: int = 1  # > 1: Ray Train data parallel
     device: str | None = None
     seed: int = 0
+    mix: str = "recall"  # recall: documents with far-past dependencies; plain: as they are
     bank_prefix: str = "train"
     progress: bool = True
 
@@ -172,12 +174,11 @@ def open_bank(memory, model: LongMemModel, name: str, capacity_tokens: int) -> N
 
 @torch.no_grad()
 def read_into_bank(memory, model: LongMemModel, bank: str, tokens: torch.Tensor, seg: int) -> None:
-    """Write the layer-m keys/values of `tokens` (N,) into `bank`, read segment by segment
+    """Write the layer-m keys/values of `tokens` (N,) into `bank`, read on the reading grid
     as the model reads them (backbone only: it alone makes the memory)."""
-    device = next(model.parameters()).device
-    for start in range(0, len(tokens), seg):
-        bb = model.backbone(tokens[None, start : start + seg].to(device))
-        memory.append(bank, bb.keys[0], bb.values[0])  # (T, Hkv, D)
+    for lo, start, end in windows(len(tokens), seg, model.config.context):
+        bb = model.backbone(tokens[None, lo:end].to(model.device))
+        memory.append(bank, bb.keys[0, start - lo :], bb.values[0, start - lo :])  # (T, Hkv, D)
 
 
 # --- checkpoints -----------------------------------------------------------------------
@@ -207,11 +208,26 @@ def save_training_checkpoint(
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warmup` steps, then linear (polynomial power 1, as in the paper)
-    decay towards 0 at step `steps`."""
+    """Learning-rate factor: linear warm-up over `warmup` steps, then linear (polynomial
+    power 1, as in the paper) decay towards 0 at step `steps`."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * max(0.0, 1 - (step + 1 - cfg.warmup) / (cfg.steps + 1 - cfg.warmup))
+        return (step + 1) / cfg.warmup
+    return max(0.0, 1 - (step + 1 - cfg.warmup) / (cfg.steps + 1 - cfg.warmup))
+
+
+def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
+    """Weights with lr and weight decay; the memory gates with their own lr; biases, norm
+    weights and gates without weight decay."""
+    gates = {id(p) for p in model.sidenet.memory.gates()}
+    groups = {"weights": [], "no_decay": [], "gates": []}
+    for p in model.trainable_parameters():
+        kind = "gates" if id(p) in gates else "no_decay" if p.ndim < 2 else "weights"
+        groups[kind].append(p)
+    return [
+        {"name": "weights", "params": groups["weights"], "lr": cfg.lr},
+        {"name": "no_decay", "params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
+        {"name": "gates", "params": groups["gates"], "lr": cfg.gate_lr, "weight_decay": 0.0},
+    ]
 
 
 # --- the loop --------------------------------------------------------------------------
@@ -234,9 +250,15 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     corpus = Corpus(cfg.data, tokenizer, cfg.segment_len, "train" if cfg.data is None else "all")
     if cfg.data is not None:
         corpus.check()
-    streams = Streams(corpus, cfg.batch_size, cfg.seed, rank, world)
+    if cfg.mix == "recall":
+        corpus = RecallCorpus(corpus, cfg.seed)
+    elif cfg.mix != "plain":
+        raise DataError(f"--mix {cfg.mix!r}: choose recall or plain")
+    streams = Streams(corpus, cfg.batch_size, model.config.context, cfg.seed, rank, world)
     params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
+    )
     start = 0
     if resume:
         state = json.loads((out / TRAINER_STATE).read_text())
@@ -256,9 +278,11 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         open_bank(memory, model, bank, cfg.memory_tokens)
         s = streams.streams[b]
         if resume and s.doc >= 0 and s.segment > 0:  # rebuild what the bank held
-            done = streams.current(b).tokens[: s.segment * cfg.segment_len]
+            done = streams.current(b).tokens[: model.config.context + s.segment * cfg.segment_len]
             read_into_bank(memory, model, bank, done, cfg.segment_len)
 
+    base_lr = [g["lr"] for g in opt.param_groups]
+    log = open(out.parent / f"{out.name}.log.jsonl", "a") if rank == 0 else None
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     tokens_per_step = cfg.batch_size * cfg.segment_len * cfg.grad_accum * world
     bar = tqdm(
@@ -268,8 +292,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     model.train()
     t0, losses, loss, summary = time.perf_counter(), [], float("nan"), {}
     for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+        for g, base in zip(opt.param_groups, base_lr, strict=True):
+            g["lr"] = base * lr_at(step, cfg)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             batch = streams.next_batch()
@@ -278,7 +302,7 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                     memory.reset_bank(bank)
             ids, targets = batch.input_ids.to(device), batch.targets.to(device)
             with autocast:
-                o = model(ids, banks, memory)
+                o = model(ids, banks, memory, n_context=streams.context)
                 loss_t = F.cross_entropy(o.logits.flatten(0, 1).float(), targets.flatten())
             (loss_t / cfg.grad_accum).backward()
             step_loss += loss_t.item() / cfg.grad_accum
@@ -300,8 +324,18 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         done = step + 1
         elapsed = time.perf_counter() - t0
         bar.update(1)
+        gates = model.gates()
+        if log is not None:
+            log.write(json.dumps({
+                "step": done, "loss": round(loss, 4), "lr": opt.param_groups[0]["lr"],
+                "seconds": round(elapsed, 1), "memory_seconds": round(memory.seconds, 1),
+                "gate_scale": [round(x, 4) for x in gates["scale"].tolist()],
+                "gate_bias": [round(x, 4) for x in gates["bias"].tolist()],
+            }) + "\n")
+            log.flush()
         bar.set_postfix(
             loss=f"{loss:.3f}",
+            gate=f"{gates['scale'].mean():.2f}",
             tok_s=f"{tokens_per_step * (done - start) / elapsed:.0f}",
             mem=f"{memory.seconds:.1f}s",
         )
@@ -325,6 +359,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                          "config": asdict(cfg), "summary": summary}
                 save_training_checkpoint(model, opt, state, out)
     bar.close()
+    if log is not None:
+        log.close()
     memory.client.close()
     return summary
 
