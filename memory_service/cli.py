@@ -40,15 +40,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=args.name,
         shard_endpoints=args.shard_endpoints,
     )
+    stop = threading.Event()  # handled before the address is out: a client may stop us then
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     devices = ", ".join(service.devices)
     print(
         f"longmem memory service listening on {service.address} "
         f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)})",
         flush=True,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
         pass
     print("longmem: shutting down", flush=True)
