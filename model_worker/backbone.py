@@ -22,8 +22,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from memory_service.files import atomic_dir
 from model_worker.positions import apply_rotary
 
 DEFAULT_BACKBONE = "SmolLM2-135M-Instruct"
@@ -314,16 +313,11 @@ def _convert_default(dest: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    tmp.chmod(0o755)
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(dest, write)
 
 
 def load_backbone(

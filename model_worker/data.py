@@ -163,8 +163,8 @@ class RecallCorpus:
     """Documents with far-past dependencies written into spans of `source`'s texts
     (`model_worker.recall`); document i is the same for a given seed, made when read."""
 
-    def __init__(self, source: Corpus, seed: int = 0, config: RecallConfig = RecallConfig()):
-        self.source, self.seed, self.config = source, seed, config
+    def __init__(self, source: Corpus, seed: int = 0, config: RecallConfig | None = None):
+        self.source, self.seed, self.config = source, seed, config or RecallConfig()
         self.root, self.segment_len = source.root, source.segment_len
         texts = [source.text(i) for i in range(len(source))]
         self.texts = [(f.name, t) for f, t in zip(source.files, texts, strict=True) if t]
@@ -183,12 +183,14 @@ class RecallCorpus:
         return Document(f"recall-{i}:{name}", torch.tensor(tokens, dtype=torch.long))
 
 
-def windows(n_tokens: int, segment_len: int, context: int) -> list[tuple[int, int, int]]:
-    """The reading grid of a stream of n_tokens: (window start, segment start, end) per
-    segment; the last one may be shorter. Tokens `[window start, segment start)` are
-    context only."""
-    starts = range(context, n_tokens, segment_len)
-    return [(s - context, s, min(s + segment_len, n_tokens)) for s in starts]
+def windows(
+    n_tokens: int, segment_len: int, context: int, first: int | None = None
+) -> list[tuple[int, int, int]]:
+    """The reading grid of a stream of n_tokens from token `first` (default `context`):
+    (window start, segment start, end) per segment; the last one may be shorter. Tokens
+    `[window start, segment start)`, at most `context` of them, are context only."""
+    starts = range(context if first is None else first, n_tokens, segment_len)
+    return [(max(0, s - context), s, min(s + segment_len, n_tokens)) for s in starts]
 
 
 def encode(tokenizer, text: str) -> list[int]:

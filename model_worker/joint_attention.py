@@ -84,6 +84,23 @@ def memory_attention(
     return out, lse.masked_fill(~mask.any(-1), float("-inf"))
 
 
+def mix_memory(
+    a: torch.Tensor,
+    lse_a: torch.Tensor,
+    m: torch.Tensor,
+    lse_m: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """y = A + scale_h * sigmoid(lse_M - lse_A + bias_h) * (M - A).
+
+    a, m (B, T, H, D); lse_a, lse_m (B, T, H); scale, bias (H,). With scale 1 and bias 0
+    this is attention with one softmax over the local and the memory scores together.
+    """
+    w = torch.sigmoid(lse_m - lse_a + bias)  # (B, T, H) memory's share of the joint mass
+    return a + (scale * w).to(a.dtype)[..., None] * (m - a)
+
+
 class JointAttentionLayer(nn.Module):
     """A deep-copied backbone decoder layer whose self-attention becomes joint attention.
 
@@ -131,6 +148,8 @@ class JointAttentionLayer(nn.Module):
         q, k, v = ad.qkv(layer, h, self.n_heads, self.n_kv_heads, self.head_dim)
         q_mem = self.memory_query(q[:, n_context:])  # (B, T', Hq, D)
         found = retrieve(q_mem.detach())  # before this segment's own keys enter the bank
+        if not bool(found.valid.any()):  # empty banks: the layer as it is
+            return run_layer(layer, x, layer_kwargs), found
         q_rot, k_rot = ad.rotate(q, k, layer_kwargs)
         scaling = ad.attn(layer).scaling
         a, lse_a = local_attention(q_rot, k_rot, v, scaling, layer_kwargs.get("attention_mask"))
@@ -139,9 +158,7 @@ class JointAttentionLayer(nn.Module):
             q_mem, found.keys.to(**to), found.values.to(**to), found.token_mask().to(q.device),
             scaling,
         )
-        w = torch.sigmoid(lse_m - lse_a[:, n_context:] + self.bias)  # (B, T', Hq)
-        a_new = a[:, n_context:]
-        y_new = a_new + (self.scale * w).to(q.dtype)[..., None] * (m - a_new)
+        y_new = mix_memory(a[:, n_context:], lse_a[:, n_context:], m, lse_m, self.scale, self.bias)
         y = torch.cat([a[:, :n_context], y_new], dim=1)  # (B, T, Hq, D)
         x = x + ad.out_proj(layer, y.flatten(2))
         return x + ad.mlp(layer)(ad.norm2(layer)(x)), found

@@ -25,6 +25,11 @@ class SearchResult(Protocol):
         ...
 
 
+class BankInfo(Protocol):
+    name: str
+    size_tokens: int  # tokens searchable now
+
+
 class Memory(Protocol):
     def search(self, bank_names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
         """queries (B, n, Hq, D) float32, row b searches bank_names[b]; query head h reads
@@ -42,7 +47,17 @@ class Memory(Protocol):
         *,
         kv_heads: int,
         head_dim: int,
-        chunk_size: int = 4,
-        capacity_tokens: int = 65536,
+        chunk_size: int,
+        capacity_tokens: int,
         dtype: str = "float16",
-    ) -> Any: ...
+    ) -> BankInfo: ...
+
+    def reset_bank(self, name: str) -> BankInfo:
+        """Empty the bank; its spec stays."""
+        ...
+
+    def describe_bank(self, name: str) -> BankInfo: ...
+
+    def list_banks(self) -> list[BankInfo]:
+        """This tenant's banks."""
+        ...

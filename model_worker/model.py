@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from memory_service.files import atomic_write
 from model_worker.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from model_worker.memory import Memory, SearchResult
 from model_worker.sidenet import SideNet, SideNetConfig
@@ -134,7 +134,7 @@ class LongMemModel(nn.Module):
         self,
         memory: Memory,
         streams: Sequence[str],
-        capacity_tokens: int = 65536,
+        capacity_tokens: int,
         dtype: str = "float16",
     ) -> None:
         """Create one bank per stream shaped for this model's retrieval layer."""
@@ -187,10 +187,8 @@ class LongMemModel(nn.Module):
             if p.requires_grad
         }
         meta = {"backbone": self.backbone_signature(), "sidenet": self.config.to_dict()}
-        _atomic_write(path / CHECKPOINT_WEIGHTS, lambda f: save_file(tensors, f))
-        _atomic_write(
-            path / CHECKPOINT_CONFIG, lambda f: Path(f).write_text(json.dumps(meta, indent=2))
-        )
+        atomic_write(path / CHECKPOINT_WEIGHTS, lambda f: save_file(tensors, str(f)))
+        atomic_write(path / CHECKPOINT_CONFIG, lambda f: f.write_text(json.dumps(meta, indent=2)))
         return path
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -218,14 +216,3 @@ class LongMemModel(nn.Module):
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(state[name])
-
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -69,7 +69,7 @@ def _value(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def recall_document(source: str, rng: random.Random, cfg: RecallConfig = RecallConfig()) -> str:
+def recall_document(source: str, rng: random.Random, cfg: RecallConfig) -> str:
     """A document built from a random span of `source` with facts and repeats written in."""
     cpt = cfg.chars_per_token
     n_chars = int(rng.randint(cfg.min_tokens, cfg.max_tokens) * cpt)

@@ -15,24 +15,31 @@ and gradients are averaged over the workers before every optimizer step.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from memory_service import errors
-from memory_service.client import MemoryClient
-from memory_service.tenancy import DEFAULT_API_KEY
+from memory_service.files import atomic_dir
 from model_worker.backbone import DEFAULT_BACKBONE
-from model_worker.data import Corpus, DataError, RecallCorpus, Streams, windows
-from model_worker.model import CHECKPOINT_CONFIG, LongMemModel
+from model_worker.config import SEGMENT_LEN, MemoryConfig
+from model_worker.data import Corpus, RecallCorpus, Streams
+from model_worker.model import LongMemModel
+from model_worker.session import (
+    SessionError,
+    TimedMemory,
+    connect,
+    default_device,
+    load_model,
+    open_bank,
+    read_into_bank,
+    service_address,
+)
 from model_worker.sidenet import SideNetConfig
 
 TRAINER_STATE = "trainer_state.json"
@@ -42,10 +49,11 @@ OPTIMIZER_STATE = "optimizer.pt"
 @dataclass
 class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
-    data: str | None = None  # folder of text documents; None = the Python standard library
+    data: str | None = None  # folder or files of text documents; None = the Python stdlib
+    mix: str = "recall"  # recall: documents with far-past dependencies; plain: as they are
     out: str = "runs/longmem"  # checkpoint folder (the final checkpoint; resumable)
-    segment_len: int = 512
-    batch_size: int = 1  # streams per worker
+    segment_len: int = SEGMENT_LEN
+    batch_size: int = 2  # streams per worker
     steps: int = 100  # optimizer steps
     grad_accum: int = 1
     lr: float = 2e-4
@@ -53,132 +61,21 @@ class TrainConfig:
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
-    memory_tokens: int = 65536  # bank capacity per stream
-    k: int = 64
-    chunk_size: int = 4
-    r: int = 2
-    retrieval_layer: int | None = None
     save_every: int = 0  # 0: only at the end
     resume: bool = False
-    memory: str | None = None  # HOST:PORT of a running service; None = embedded
-    api_key: str = DEFAULT_API_KEY
-    shards: int = 2  # embedded service
     workers: int = 1  # > 1: Ray Train data parallel
     device: str | None = None
     seed: int = 0
-    mix: str = "recall"  # recall: documents with far-past dependencies; plain: as they are
     bank_prefix: str = "train"
     progress: bool = True
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    sidenet: SideNetConfig = field(default_factory=SideNetConfig)
 
-    def sidenet(self) -> SideNetConfig:
-        return SideNetConfig(
-            r=self.r, retrieval_layer=self.retrieval_layer, k=self.k, chunk_size=self.chunk_size
-        )
-
-
-# --- shared with evaluate / generate ---------------------------------------------------
-
-
-def default_device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def load_model(
-    backbone: str | None,
-    checkpoint: str | None = None,
-    sidenet: SideNetConfig | None = None,
-    device: torch.device | str = "cpu",
-) -> tuple[LongMemModel, object]:
-    """Backbone + SideNet (+ trained weights). A checkpoint brings its own SideNet config
-    and, when `backbone` is None, names the backbone."""
-    if checkpoint is not None:
-        meta_file = Path(checkpoint) / CHECKPOINT_CONFIG
-        if not meta_file.is_file():
-            raise DataError(
-                f"checkpoint {checkpoint} not found (a folder written by longmem train)"
-            )
-        meta = json.loads(meta_file.read_text())
-        sidenet = SideNetConfig(**meta["sidenet"])
-        backbone = backbone or meta["backbone"]["name"]
-    try:
-        model, tokenizer = LongMemModel.from_backbone(backbone or DEFAULT_BACKBONE, sidenet)
-    except RuntimeError as e:  # e.g. the default backbone's package is not installed
-        raise DataError(str(e)) from None
-    if checkpoint is not None:
-        model.load_checkpoint(checkpoint)
-    return model.to(device), tokenizer
-
-
-class TimedMemory:
-    """A memory client that adds up the seconds spent in its calls (`seconds`)."""
-
-    def __init__(self, client):
-        self.client, self.seconds = client, 0.0
-
-    def __getattr__(self, name):
-        fn = getattr(self.client, name)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t
-
-        return timed
-
-
-def connect(address: str, api_key: str = DEFAULT_API_KEY) -> MemoryClient:
-    """A client of the service at `address`, checked: unreachable or refused keys fail here
-    with a line saying what to do."""
-    client = MemoryClient(address, api_key=api_key, timeout=60.0, retries=2)
-    try:
-        client.list_banks()
-    except errors.Unavailable as e:
-        client.close()
-        raise DataError(
-            f"memory service at {address} is unreachable ({e.message.splitlines()[0]}); "
-            "start one with `longmem serve` or leave out --memory for the embedded one"
-        ) from None
-    except errors.Unauthenticated as e:
-        client.close()
-        raise DataError(
-            f"memory service at {address} refused the API key ({e.message}); "
-            "pass a key of your tenant with --api-key or $LONGMEM_API_KEY"
-        ) from None
-    return client
-
-
-@contextmanager
-def memory_service(address: str | None, api_key: str, shards: int = 2):
-    """Yield the address of a memory service: `address`, or an embedded one started here."""
-    if address is not None:
-        yield address
-        return
-    from memory_service.service import start_service
-
-    service = start_service(shards=shards)
-    try:
-        yield service.address
-    finally:
-        service.stop()
-
-
-def open_bank(memory, model: LongMemModel, name: str, capacity_tokens: int) -> None:
-    """Create bank `name` for this model, or empty it if it already exists."""
-    try:
-        model.create_banks(memory, [name], capacity_tokens)
-    except errors.AlreadyExists:
-        memory.reset_bank(name)
-
-
-@torch.no_grad()
-def read_into_bank(memory, model: LongMemModel, bank: str, tokens: torch.Tensor, seg: int) -> None:
-    """Write the layer-m keys/values of `tokens` (N,) into `bank`, read on the reading grid
-    as the model reads them (backbone only: it alone makes the memory)."""
-    for lo, start, end in windows(len(tokens), seg, model.config.context):
-        bb = model.backbone(tokens[None, lo:end].to(model.device))
-        memory.append(bank, bb.keys[0, start - lo :], bb.values[0, start - lo :])  # (T, Hkv, D)
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of `dataclasses.asdict` (Ray Train passes the config as a dict)."""
+        nested = {"memory": MemoryConfig(**d["memory"]), "sidenet": SideNetConfig(**d["sidenet"])}
+        return cls(**{**d, **nested})
 
 
 # --- checkpoints -----------------------------------------------------------------------
@@ -187,24 +84,15 @@ def read_into_bank(memory, model: LongMemModel, bank: str, tokens: torch.Tensor,
 def save_training_checkpoint(
     model: LongMemModel, opt: torch.optim.Optimizer, state: dict, path: str | Path
 ) -> None:
-    """Write the whole checkpoint folder next to `path`, then swap it in: a crash leaves
+    """Write the whole checkpoint folder beside `path`, then swap it in: a crash leaves
     the previous checkpoint (or none), never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_checkpoint(tmp)
         torch.save(opt.state_dict(), tmp / OPTIMIZER_STATE)
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(path, write)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -243,17 +131,15 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     out = Path(cfg.out)
     resume = cfg.resume and (out / TRAINER_STATE).is_file()
     if cfg.resume and not resume:
-        raise DataError(f"--resume: no checkpoint in {out} (it has no {TRAINER_STATE})")
-    model, tokenizer = load_model(
-        cfg.backbone, str(out) if resume else None, cfg.sidenet(), device
-    )
+        raise SessionError(f"--resume: no checkpoint in {out} (it has no {TRAINER_STATE})")
+    model, tokenizer = load_model(cfg.backbone, str(out) if resume else None, cfg.sidenet, device)
     corpus = Corpus(cfg.data, tokenizer, cfg.segment_len, "train" if cfg.data is None else "all")
     if cfg.data is not None:
         corpus.check()
     if cfg.mix == "recall":
         corpus = RecallCorpus(corpus, cfg.seed)
     elif cfg.mix != "plain":
-        raise DataError(f"--mix {cfg.mix!r}: choose recall or plain")
+        raise ValueError(f"--mix {cfg.mix!r}: choose recall or plain")
     streams = Streams(corpus, cfg.batch_size, model.config.context, cfg.seed, rank, world)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(
@@ -263,19 +149,19 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     if resume:
         state = json.loads((out / TRAINER_STATE).read_text())
         if state["world"] != world:
-            raise DataError(
+            raise ValueError(
                 f"checkpoint {out} was trained with {state['world']} workers, not {world}"
             )
         opt.load_state_dict(torch.load(out / OPTIMIZER_STATE, map_location=device))
         streams.load_state_dict(state["streams"][rank])
         start = state["step"]
         if start >= cfg.steps:
-            raise DataError(f"checkpoint {out} is already at step {start}; raise --steps")
+            raise ValueError(f"checkpoint {out} is already at step {start}; raise --steps")
 
-    memory = TimedMemory(connect(address, cfg.api_key))
+    memory = TimedMemory(connect(address, cfg.memory.api_key))
     banks = [f"{cfg.bank_prefix}-w{rank}-s{b}" for b in range(cfg.batch_size)]
     for b, bank in enumerate(banks):
-        open_bank(memory, model, bank, cfg.memory_tokens)
+        open_bank(memory, model, bank, cfg.memory.capacity_tokens)
         s = streams.streams[b]
         if resume and s.doc >= 0 and s.segment > 0:  # rebuild what the bank held
             done = streams.current(b).tokens[: model.config.context + s.segment * cfg.segment_len]
@@ -365,15 +251,19 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     return summary
 
 
+class WorkerFailed(RuntimeError):
+    """A Ray Train worker failed; the message is its own last line."""
+
+
 def _ray_train_loop(config: dict) -> None:
     import ray.train
 
-    from memory_service.actors import find_service
+    from memory_service.service import find_service
 
     ctx = ray.train.get_context()
-    cfg = TrainConfig(**config["cfg"])
+    cfg = TrainConfig.from_dict(config["cfg"])
     # --memory names the service; else the one on this Ray cluster, found via its coordinator
-    address = cfg.memory or find_service()
+    address = cfg.memory.address or find_service()
     train_worker(cfg, address, ctx.get_world_rank(), ctx.get_world_size())
 
 
@@ -381,10 +271,10 @@ def train(cfg: TrainConfig) -> dict:
     """Run training (one process, or `cfg.workers` Ray Train workers) through the memory
     service; returns a summary with the final loss, tokens, seconds and memory seconds."""
     if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.workers < 1:
-        raise DataError("--steps, --grad-accum, --batch-size and --workers must be at least 1")
-    if cfg.memory is not None:
-        connect(cfg.memory, cfg.api_key).close()  # fail early, before Ray starts
-    with memory_service(cfg.memory, cfg.api_key, cfg.shards) as address:
+        raise ValueError("--steps, --grad-accum, --batch-size and --workers must be at least 1")
+    if cfg.memory.address is not None:  # fail early, before Ray starts
+        connect(cfg.memory.address, cfg.memory.api_key).close()
+    with service_address(cfg.memory) as address:
         if cfg.workers == 1:
             return train_worker(cfg, address)
         return _train_ray(cfg)
@@ -413,11 +303,11 @@ def _train_ray(cfg: TrainConfig) -> dict:
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        raise DataError(f"a training worker failed: {_last_line(root)}") from None
+        raise WorkerFailed(f"a training worker failed: {_last_line(root)}") from None
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     if result.error is not None:
-        raise DataError(f"a training worker failed: {_last_line(result.error)}")
+        raise WorkerFailed(f"a training worker failed: {_last_line(result.error)}")
     return json.loads((Path(cfg.out) / TRAINER_STATE).read_text())["summary"]
 
 

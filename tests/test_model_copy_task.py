@@ -46,14 +46,16 @@ def test_long_range_copy_through_memory(one_thread):
     backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():
         backbone.lm_head.weight.mul_(10.0)
-    model = LongMemModel(backbone, SideNetConfig(retrieval_layer=1, k=32, chunk_size=4))
+    model = LongMemModel(backbone, SideNetConfig(retrieval_layer=1, k=32, chunk_size=4, train_layers="all"))
     mem = InProcessClient()
     streams = [f"s{b}" for b in range(B)]
     model.create_banks(mem, streams, capacity_tokens=1024)
-    gate = model.sidenet.layers[model.config.memory_layer].gate
-    rest = [p for p in model.trainable_parameters() if p is not gate]
-    # the gate gets a larger step so memory opens quickly; everything else lr 1e-2
-    opt = torch.optim.AdamW([{"params": rest}, {"params": [gate], "lr": 0.1}], lr=1e-2,
+    gates = model.sidenet.memory.gates()
+    with torch.no_grad():  # memory open from the start (scale 1): a random backbone gives
+        gates[0].fill_(1.0)  # the zero-scale start no signal to open it by
+    rest = [p for p in model.trainable_parameters() if all(p is not g for g in gates)]
+    # the gates get a larger step so memory opens quickly; everything else lr 1e-2
+    opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "lr": 0.1}], lr=1e-2,
                             weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
 

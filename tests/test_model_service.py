@@ -8,7 +8,7 @@ import torch
 
 from memory_service.client import InProcessClient, MemoryClient
 from memory_service.service import start_service
-from tests.test_model_tiny import FAMILIES, VOCAB, tiny_model
+from tests.test_model_tiny import FAMILIES, VOCAB, open_gates, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,7 @@ def service(ray_local):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_same_logits_in_process_and_over_grpc(service, family):
     model = tiny_model(FAMILIES[family]())
+    open_gates(model)  # memory contributes (untrained, it would not)
     streams = [f"{family}-a", f"{family}-b"]
     local, remote = InProcessClient(), MemoryClient(service.address)
     g = torch.Generator().manual_seed(0)

@@ -41,7 +41,7 @@ def test_default_backbone_loads_offline_and_has_expected_shape(smol):
     assert (c.model_type, c.num_hidden_layers, c.hidden_size) == ("llama", 30, 576)
     assert (model.backbone.n_heads, model.kv_heads, model.head_dim) == (9, 3, 64)
     assert (model.config.retrieval_layer, model.config.memory_layer) == (17, 8)
-    assert len(model.sidenet.layers) == 15
+    assert len(model.sidenet.layers) == 7  # copies of backbone layers 17, 19, ..., 29
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :64]
     out = model(ids)
     assert out.logits.shape == (1, 64, 49152) and out.logits.dtype == torch.float32
@@ -51,6 +51,23 @@ def test_default_backbone_loads_offline_and_has_expected_shape(smol):
         ref = model.backbone.model(ids).logits
     nll = torch.nn.functional.cross_entropy(ref[0, :-1], ids[0, 1:])
     assert nll < 4.0, f"converted SmolLM2 looks broken: next-token NLL {nll:.2f}"
+
+
+def test_untrained_model_is_the_backbone(smol):
+    """Identity at initialisation, float32: memory off, and memory on with a full bank
+    but its contribution at its initial value (scale 0), give the backbone's logits."""
+    model, tok = smol
+    ids = tok(TEXT, return_tensors="pt").input_ids[:, :192]
+    mem = InProcessClient()
+    model.create_banks(mem, ["s"], capacity_tokens=1024)
+    with torch.no_grad():
+        model.append_memory(mem, ["s"], model(ids[:, :96], n_context=16))  # tokens 16..95
+        out = model(ids[:, 64:], ["s"], mem, n_context=32, references=True)
+        alone = model.backbone.model(ids[:, 64:]).logits[:, 32:]
+    assert out.retrieved.valid.all()
+    assert (out.backbone_logits - alone).abs().max() < 1e-4
+    assert (out.logits - alone).abs().max() < 1e-4
+    assert (out.memory_off_logits - alone).abs().max() < 1e-4
 
 
 def test_retrieval_query_and_cached_keys_share_a_space(smol):
@@ -73,7 +90,7 @@ def test_retrieval_query_and_cached_keys_share_a_space(smol):
     own = (torch.arange(T) // csz)[:, None]  # (T, 1) chunk of each token
     for skip in (0, 16):  # bank from token `skip` on
         mem = InProcessClient()
-        model.create_banks(mem, ["s"])
+        model.create_banks(mem, ["s"], capacity_tokens=1024)
         mem.append("s", seg.keys[0, skip:], seg.values[0, skip:])
         chunks = model(ids, ["s"], mem).retrieved.chunk_ids[0] + skip // csz  # (T, Hq, k)
         n_chunks = (T - skip) // csz

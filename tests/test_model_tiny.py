@@ -14,7 +14,7 @@ from transformers import (
 
 from memory_service.client import InProcessClient
 from model_worker.backbone import Backbone, adapter_for
-from model_worker.joint_attention import memory_attention
+from model_worker.joint_attention import local_attention, memory_attention, mix_memory
 from model_worker.model import LongMemModel
 from model_worker.sidenet import SideNetConfig
 
@@ -64,10 +64,16 @@ def model(request) -> LongMemModel:
     return tiny_model(FAMILIES[request.param]())
 
 
+def open_gates(model: LongMemModel) -> None:
+    """Memory fully on: one softmax over local and retrieved keys (scale 1, bias 0)."""
+    with torch.no_grad():
+        model.sidenet.memory.scale.fill_(1.0)
+
+
 def filled_memory(model: LongMemModel, streams: list[str], n_tokens: int, seed: int):
     """A client whose banks hold n_tokens of the backbone's own keys/values of random text."""
     mem = InProcessClient()
-    model.create_banks(mem, streams)
+    model.create_banks(mem, streams, capacity_tokens=1024)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (len(streams), n_tokens), generator=g)
     model.append_memory(mem, streams, model(ids))
@@ -87,6 +93,12 @@ def test_shapes_and_dtypes(model):
     k = model.config.k
     assert out.logits.shape == (2, 12, VOCAB)
     assert out.retrieved.keys.shape == (2, 12, model.backbone.n_heads, k, d)
+    out = model(ids, streams, mem, n_context=4, references=True)  # 4 context tokens
+    assert out.logits.shape == out.memory_off_logits.shape == (2, 8, VOCAB)
+    assert out.backbone_logits.shape == (2, 8, VOCAB)
+    assert out.keys.shape == (2, 8, hkv, d)
+    assert out.retrieved.keys.shape == (2, 8, model.backbone.n_heads, k, d)
+    torch.testing.assert_close(out.keys, model(ids).keys[:, 4:])
 
 
 def test_captured_keys_are_the_layers_own_projections():
@@ -106,6 +118,7 @@ def test_captured_keys_are_the_layers_own_projections():
 def test_memory_off_ignores_bank_contents(model):
     ids = torch.randint(0, VOCAB, (2, 12))
     streams = ["a", "b"]
+    open_gates(model)
     mem1 = filled_memory(model, streams, 24, seed=1)
     mem2 = filled_memory(model, streams, 24, seed=2)
     on1, on2 = model(ids, streams, mem1).logits, model(ids, streams, mem2).logits
@@ -119,24 +132,50 @@ def test_memory_off_ignores_bank_contents(model):
 def test_empty_bank_falls_back_to_local_attention(model):
     ids = torch.randint(0, VOCAB, (2, 12))
     mem = InProcessClient()
-    model.create_banks(mem, ["a", "b"])
+    model.create_banks(mem, ["a", "b"], capacity_tokens=1024)
+    open_gates(model)
     out = model(ids, ["a", "b"], mem)
     assert not out.retrieved.valid.any()
     assert torch.equal(out.logits, model(ids).logits)
 
 
-def test_closed_gate_equals_local_attention(model):
-    """With sigmoid(g) ~ 0 the joint path must reproduce the layer's own attention
-    (rotary, GQA and causal mask re-implemented correctly)."""
+def test_untrained_model_is_the_backbone(model):
+    """At initialisation the SideNet reproduces the frozen backbone, with memory off and
+    with memory on (full banks: the memory path runs, its scale is 0); this also checks
+    that the joint path's own attention (rotary, GQA, causal mask) is the layer's."""
     ids = torch.randint(0, VOCAB, (2, 12))
     streams = ["a", "b"]
     mem = filled_memory(model, streams, 24, seed=1)
-    joint = model.sidenet.layers[model.config.memory_layer]
-    with torch.no_grad():
-        joint.gate.fill_(-60.0)
-    out = model(ids, streams, mem)
+    out = model(ids, streams, mem, references=True)
     assert out.retrieved.valid.all()
-    torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    backbone = model.backbone.model(ids).logits
+    torch.testing.assert_close(out.backbone_logits, backbone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logits, backbone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.memory_off_logits, backbone, rtol=0, atol=1e-5)
+
+
+def test_open_gate_is_one_softmax_over_local_and_memory():
+    """scale 1, bias 0: the memory share w = sigmoid(lse_M - lse_A) makes the mix exactly
+    softmax([q K_local; q K_mem]) [V_local; V_mem]."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, K, D = 2, 5, 4, 2, 6, 8
+    q = torch.randn(B, T, H, D)
+    k, v = torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    mk, mv = torch.randn(B, T, H, K, D), torch.randn(B, T, H, K, D)
+    mask = torch.ones(B, T, H, K, dtype=torch.bool)
+    a, lse_a = local_attention(q, k, v, D**-0.5, None)
+    m, lse_m = memory_attention(q, mk, mv, mask, D**-0.5)
+    y = mix_memory(a, lse_a, m, lse_m, torch.ones(H), torch.zeros(H))
+    kr, vr = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # GQA
+    for b in range(B):
+        for t in range(T):
+            for h in range(H):
+                keys = torch.cat([kr[b, : t + 1, h], mk[b, t, h]])  # causal local, then memory
+                vals = torch.cat([vr[b, : t + 1, h], mv[b, t, h]])
+                p = torch.softmax(keys @ q[b, t, h] / D**0.5, dim=0)
+                torch.testing.assert_close(y[b, t, h], p @ vals, rtol=1e-5, atol=1e-5)
+    closed = mix_memory(a, lse_a, m, lse_m, torch.zeros(H), torch.zeros(H))
+    assert torch.equal(closed, a)
 
 
 def test_memory_attention_matches_naive_loop():
@@ -146,16 +185,17 @@ def test_memory_attention_matches_naive_loop():
     mk, mv = torch.randn(B, T, H, K, D), torch.randn(B, T, H, K, D)
     mask = torch.rand(B, T, H, K) > 0.3
     mask[0, 0, 0] = False  # a token/head with nothing retrieved
-    out, has = memory_attention(q, mk, mv, mask)
+    out, lse = memory_attention(q, mk, mv, mask, D**-0.5)
     for b in range(B):
         for t in range(T):
             for h in range(H):
                 sel = mask[b, t, h]
-                assert has[b, t, h] == sel.any()
                 if not sel.any():
+                    assert lse[b, t, h] == float("-inf")  # no memory share at all
                     continue
-                p = torch.softmax(mk[b, t, h, sel] @ q[b, t, h] / D**0.5, dim=0)
-                torch.testing.assert_close(out[b, t, h], p @ mv[b, t, h, sel])
+                s = mk[b, t, h, sel] @ q[b, t, h] / D**0.5
+                torch.testing.assert_close(out[b, t, h], torch.softmax(s, dim=0) @ mv[b, t, h, sel])
+                torch.testing.assert_close(lse[b, t, h], torch.logsumexp(s, dim=0))
 
 
 def test_only_sidenet_trains_and_backbone_is_bit_identical(model):
@@ -163,8 +203,9 @@ def test_only_sidenet_trains_and_backbone_is_bit_identical(model):
     mem = filled_memory(model, streams, 24, seed=1)
     before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     trainable = {id(p) for p in model.trainable_parameters()}
-    joint = model.sidenet.layers[model.config.memory_layer]
-    assert id(joint.gate) in trainable
+    joint = model.sidenet.memory
+    assert {id(joint.scale), id(joint.bias)} <= trainable
+    assert trainable == {id(p) for p in joint.parameters()}  # train_layers="memory"
     assert all(not p.requires_grad for p in model.backbone.parameters())
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.01)
     model.train()
@@ -176,12 +217,12 @@ def test_only_sidenet_trains_and_backbone_is_bit_identical(model):
     for p in model.backbone.parameters():
         assert p.grad is None
     for n, p in model.sidenet.named_parameters():
-        assert p.grad is not None, n
-    assert joint.gate.grad.abs().sum() > 0
+        assert (p.grad is not None) == p.requires_grad, n
+    assert joint.scale.grad.abs().sum() > 0  # first-order: memory's effect on the loss
     opt.step()
     for n, p in model.backbone.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert not torch.equal(joint.gate, torch.zeros_like(joint.gate))
+    assert not torch.equal(joint.scale, torch.zeros_like(joint.scale))
 
 
 @pytest.mark.parametrize("use_memory", [False, True])
@@ -190,6 +231,7 @@ def test_causality(model, use_memory):
     model.config.use_memory = use_memory
     streams = ["a", "b"]
     mem = filled_memory(model, streams, 24, seed=1)
+    open_gates(model)
     ids = torch.randint(0, VOCAB, (2, 16))
     base = model(ids, streams, mem)
     for t in (0, 5, 15):
@@ -204,7 +246,7 @@ def test_causality(model, use_memory):
 
 def test_per_layer_masks_are_reused():
     """A backbone mixing sliding-window and full layers: each SideNet layer gets the mask
-    of the layer it was copied from, and the closed-gate joint path still matches."""
+    of the layer it was copied from, and the untrained joint path still matches."""
     cfg = Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
@@ -216,9 +258,9 @@ def test_per_layer_masks_are_reused():
     bb = m.backbone(ids)
     assert bb.layer_kwargs[1]["attention_mask"] is not None
     mem = filled_memory(m, ["a"], 16, seed=3)
-    with torch.no_grad():
-        m.sidenet.layers[m.config.memory_layer].gate.fill_(-60.0)
-    torch.testing.assert_close(m(ids, ["a"], mem).logits, m(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        m(ids, ["a"], mem).logits, m.backbone.model(ids).logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unsupported_architecture_is_refused():
@@ -242,17 +284,24 @@ def test_config_defaults_and_validation():
     assert SideNetConfig(retrieval_layer=16, memory_layer=8).resolve(30).memory_layer == 8
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         SideNetConfig(k=62).resolve(30)
+    with pytest.raises(ValueError, match="train_layers"):
+        SideNetConfig(train_layers="some").resolve(30)
+    with pytest.raises(ValueError, match="memory_distance"):
+        SideNetConfig(memory_distance=-1).resolve(30)
 
 
-def test_sidenet_layers_start_as_copies_of_every_rth_layer():
-    m = tiny_model(llama_config(), r=2)
+@pytest.mark.parametrize("train_layers", ["memory", "all"])
+def test_sidenet_layers_are_copies_of_every_rth_layer_from_the_memory_layer(train_layers):
+    m = tiny_model(llama_config(num_hidden_layers=8), r=2, retrieval_layer=3,
+                   train_layers=train_layers)
     src = m.backbone.model.model.layers
-    assert len(m.sidenet.layers) == 2
-    for i, layer in enumerate(m.sidenet.layers):
+    assert m.config.memory_layer == 1 and len(m.sidenet.layers) == 3  # copies of 3, 5, 7
+    for i, layer in enumerate(m.sidenet.layers, start=1):
+        trained = train_layers == "all" or i == 1
         layer = getattr(layer, "layer", layer)
         for (n, p), (_, q) in zip(layer.named_parameters(), src[2 * i + 1].named_parameters(),
                                   strict=True):
-            assert torch.equal(p, q) and p.requires_grad and not q.requires_grad, n
+            assert torch.equal(p, q) and p.requires_grad == trained and not q.requires_grad, n
             assert p.data_ptr() != q.data_ptr()
 
 
@@ -265,6 +314,11 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     m.save_checkpoint(tmp_path / "ck")
     assert sorted(f.name for f in (tmp_path / "ck").iterdir()) == [
         "longmem.json", "sidenet.safetensors"]
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "ck" / "sidenet.safetensors")  # only what trains
+    assert set(stored) == {n for n, p in m.sidenet.named_parameters() if p.requires_grad}
+    assert any(not p.requires_grad for p in m.sidenet.parameters())
     fresh = tiny_model(llama_config())
     assert not torch.equal(fresh(ids).logits, m(ids).logits)
     fresh.load_checkpoint(tmp_path / "ck")

@@ -11,12 +11,15 @@ import torch
 
 from memory_service.client import MemoryClient
 from memory_service.service import start_service
-from model_worker.data import Corpus, DataError, Streams, stdlib_dir
+from model_worker.config import MemoryConfig
+from model_worker.data import Corpus, RecallCorpus, Streams, stdlib_dir
+from model_worker.session import SessionError, load_model
+from model_worker.sidenet import SideNetConfig
 from model_worker.train import (
     TRAINER_STATE,
     TrainConfig,
-    load_model,
     lr_at,
+    param_groups,
     save_training_checkpoint,
     train,
 )
@@ -41,7 +44,8 @@ def tiny_cfg(assets, service, out, **kw) -> TrainConfig:
     bb, books = assets
     base = dict(
         backbone=str(bb), data=str(books), out=str(out), segment_len=32, batch_size=2,
-        steps=6, k=8, chunk_size=2, memory=service.address, progress=False,
+        steps=6, progress=False, memory=MemoryConfig(address=service.address),
+        sidenet=SideNetConfig(k=8, chunk_size=2, context=4),
     )
     return TrainConfig(**(base | kw))
 
@@ -50,24 +54,25 @@ def test_streams_continue_rows_and_flag_new_documents(assets, tmp_path):
     books = make_books(tmp_path / "short", n_docs=3, n_words=150)
     _, tok = load_model(str(assets[0]), None)
     corpus = Corpus(books, tok, segment_len=32)
-    streams = Streams(corpus, batch_size=2, seed=0)
+    streams = Streams(corpus, batch_size=2, context=4, seed=0)
     seen: list[list[str]] = [[], []]
     pos = [0, 0]
     for _ in range(40):
         batch = streams.next_batch()
-        assert batch.input_ids.shape == batch.targets.shape == (2, 32)
-        assert torch.equal(batch.input_ids[:, 1:], batch.targets[:, :-1])
+        assert batch.input_ids.shape == (2, 4 + 32) and batch.targets.shape == (2, 32)
+        assert torch.equal(batch.input_ids[:, 5:], batch.targets[:, :-1])
         for b in range(2):
             doc = streams.current(b)
             if batch.new_document[b]:
                 seen[b].append(doc.name)
                 pos[b] = 0
-            # row b is exactly the next segment of stream b's document
-            assert torch.equal(batch.input_ids[b], doc.tokens[pos[b] : pos[b] + 32])
+            # row b is the next segment of stream b's document, after 4 tokens of context
+            assert torch.equal(batch.input_ids[b], doc.tokens[pos[b] : pos[b] + 36])
+            assert torch.equal(batch.targets[b], doc.tokens[pos[b] + 5 : pos[b] + 37])
             pos[b] += 32
     assert all(len(s) >= 2 for s in seen), "streams must move on to further documents"
     state = streams.state_dict()
-    again = Streams(corpus, batch_size=2, seed=0)
+    again = Streams(corpus, batch_size=2, context=4, seed=0)
     again.load_state_dict(json.loads(json.dumps(state)))
     assert torch.equal(again.next_batch().input_ids, streams.next_batch().input_ids)
 
@@ -95,23 +100,62 @@ def test_lr_warms_up_then_decays():
     assert all(x > y for x, y in zip(lrs[3:], lrs[4:], strict=False))
 
 
+def test_recall_documents_ask_later_what_they_state(assets):
+    """Every fact is stated once, in the first half, and asked again later with the same
+    value; passages come back verbatim; no passkey wording."""
+    _, tok = load_model(str(assets[0]), None)
+    text = "\n\n".join(f"Paragraph {i}. " + "word " * 60 for i in range(300))
+    source = assets[1] / "long.txt"
+    source.write_text(text)
+    corpus = RecallCorpus(Corpus(str(source), tok, segment_len=32), seed=3)
+    doc = tok.decode(corpus.document(0).tokens)
+    assert doc == tok.decode(corpus.document(0).tokens)  # the same for a seed
+    assert "pass key" not in doc.lower() and "remember it" not in doc.lower()
+    paras = doc.split("\n\n")
+    facts = [p for p in paras if not p.startswith("Paragraph")]
+    assert len(facts) >= 4
+    stated = {}
+    for i, p in enumerate(paras):
+        for value in {w.strip(".):") for w in p.split()} - {"word"}:
+            if any(ch.isdigit() for ch in value) and not p.startswith("Paragraph"):
+                stated.setdefault(value, []).append(i)
+    assert any(len(at) >= 2 for at in stated.values()), "a value must come back later"
+    repeats = [p for p in paras if p.startswith("Paragraph") and paras.count(p) > 1]
+    assert repeats, "a passage must come back verbatim"
+    source.unlink()
+
+
+def test_optimizer_groups_give_gates_their_own_rate_and_no_decay(assets):
+    model, _ = load_model(str(assets[0]), None, SideNetConfig(k=8, chunk_size=2))
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, gate_lr=0.05))}
+    gates = {id(p) for p in model.sidenet.memory.gates()}
+    assert {id(p) for p in groups["gates"]["params"]} == gates
+    assert groups["gates"]["lr"] == 0.05 and groups["gates"]["weight_decay"] == 0.0
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in groups["weights"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_parameters())
+
+
 def test_train_checkpoints_and_resumes(assets, service, tmp_path):
     out = tmp_path / "ck"
     s = train(tiny_cfg(assets, service, out, steps=4, save_every=2, bank_prefix="t1"))
     assert s["steps"] == 4 and s["tokens"] == 4 * 2 * 32 and s["memory_seconds"] > 0
     assert torch.isfinite(torch.tensor(s["final_loss"]))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["ck"], "no temporary or old checkpoint folders are left behind"
+    assert names == ["ck", "ck.log.jsonl"], "no temporary or old checkpoint folders are left"
     assert sorted(p.name for p in out.iterdir()) == [
         "longmem.json", "optimizer.pt", "sidenet.safetensors", TRAINER_STATE]
     state = json.loads((out / TRAINER_STATE).read_text())
     assert state["step"] == 4 and len(state["streams"]) == 1
+    log = [json.loads(line) for line in (tmp_path / "ck.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # the curve, with the gates' values
+    assert len(log[-1]["gate_scale"]) == len(log[-1]["gate_bias"]) == 4
     # every step went through the service: the banks hold the streams' current documents
     client = MemoryClient(service.address)
-    banks = {b["name"]: b for b in client.list_banks()}
+    banks = {b.name: b for b in client.list_banks()}
     for b, (_, segment) in enumerate(state["streams"][0]["streams"]):
-        assert banks[f"t1-w0-s{b}"]["size_tokens"] + banks[f"t1-w0-s{b}"]["pending_tokens"] \
-            == segment * 32
+        info = banks[f"t1-w0-s{b}"]
+        assert info.size_tokens + info.pending_tokens == segment * 32
     weights = (out / "sidenet.safetensors").read_bytes()
     s2 = train(tiny_cfg(assets, service, out, steps=7, resume=True, bank_prefix="t1"))
     assert s2["steps"] == 3
@@ -119,10 +163,10 @@ def test_train_checkpoints_and_resumes(assets, service, tmp_path):
     assert (out / "sidenet.safetensors").read_bytes() != weights
     # resume rebuilt each bank from its document before going on
     state = json.loads((out / TRAINER_STATE).read_text())
-    banks = {b["name"]: b for b in client.list_banks()}
+    banks = {b.name: b for b in client.list_banks()}
     for b, (_, segment) in enumerate(state["streams"][0]["streams"]):
         info = banks[f"t1-w0-s{b}"]
-        assert info["size_tokens"] + info["pending_tokens"] == segment * 32
+        assert info.size_tokens + info.pending_tokens == segment * 32
     client.close()
 
 
@@ -132,7 +176,7 @@ def test_grad_accumulation_counts_tokens(assets, service, tmp_path):
 
 
 def test_resume_without_checkpoint_is_refused(assets, service, tmp_path):
-    with pytest.raises(DataError, match="no checkpoint"):
+    with pytest.raises(SessionError, match="no checkpoint"):
         train(tiny_cfg(assets, service, tmp_path / "none", resume=True))
 
 
@@ -153,7 +197,7 @@ def test_ray_train_two_cpu_workers(assets, service, tmp_path):
     state = json.loads((out / TRAINER_STATE).read_text())
     assert state["world"] == 2 and len(state["streams"]) == 2
     client = MemoryClient(service.address)
-    names = {b["name"] for b in client.list_banks()}
+    names = {b.name for b in client.list_banks()}
     client.close()
     assert {"dp-w0-s0", "dp-w1-s0"} <= names, "each worker has its own streams and banks"
     # the workers' checkpoints loads into a fresh model
