@@ -246,8 +246,12 @@ def eval_passkey(
 ) -> list[dict]:
     seg, ctx, csz = cfg.segment_len, model.config.context, model.config.chunk_size
     bank, cache, rows = f"{cfg.bank_prefix}-passkey", SegmentCache(model), []
+    longest = max(cfg.passkey_distances)
+    filler = haystack_tokens(tokenizer, "filler", longest, prose)
+    for distance in cfg.passkey_distances:  # refuse an impossible distance before any work
+        passkey_trial(tokenizer, filler, "00000", distance, seg, ctx, random.Random(0))
     for kind in cfg.passkey_haystacks:
-        haystack = haystack_tokens(tokenizer, kind, max(cfg.passkey_distances), prose)
+        haystack = haystack_tokens(tokenizer, kind, longest, prose)
         for distance in cfg.passkey_distances:
             rng = random.Random(f"{cfg.seed}-{kind}-{distance}")
             correct = dict.fromkeys(SETTINGS, 0)

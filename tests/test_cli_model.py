@@ -12,8 +12,9 @@ import sys
 import pytest
 import ray
 
+from memory_service.cli import build_parser
 from memory_service.service import start_service
-from model_worker.cli import build_parser, main
+from model_worker.cli import main
 from tests.longmem_tiny import make_backbone, make_books
 
 TINY = ["--segment-len", "32", "--k", "8", "--chunk-size", "2"]
@@ -63,10 +64,11 @@ def test_train_eval_generate(assets, service, checkpoint, capsys, tmp_path):
     out = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(books),
                  "--segment-len", "128", "--docs", "1", "--segments", "2",
-                 "--passkey-distances", "10,400", "--passkey-trials", "1",
+                 "--passkey-distances", "600", "--passkey-trials", "1",
                  "--json-out", str(out), "--memory", service.address]) == 0
     printed = capsys.readouterr().out
-    assert "passkey @ 400" in printed and "memory off" in printed
+    assert "passkey prose @ 600" in printed and "passkey filler @ 600" in printed
+    assert "memory off" in printed and "backbone alone" in printed
     result = json.loads(out.read_text())
     assert result["checkpoint"] == str(checkpoint) and result["model"] == str(bb)
     assert result["sidenet"]["k"] == 8, "the checkpoint brings its SideNet config"
@@ -105,7 +107,10 @@ def test_bad_checkpoints(assets, checkpoint, service, capsys, tmp_path):
     ev = ["eval", "--data", str(books), "--memory", service.address, "--json-out", ""]
     one_line_error(capsys, [*ev, "--checkpoint", str(checkpoint), "--backbone", str(other)],
                    "was made for backbone")
-    one_line_error(capsys, [*ev, "--checkpoint", str(tmp_path / "none")], "not found")
+    one_line_error(capsys, [*ev, "--checkpoint", str(tmp_path / "nothing")], "not found")
+    one_line_error(capsys, [*ev, "--checkpoint", str(checkpoint), "--segment-len", "128",
+                            "--passkey-distances", "10", "--sections", "passkey"],
+                   "too short")
 
 
 def test_unreachable_service_and_refused_key(assets, service, capsys, tmp_path):
@@ -121,21 +126,20 @@ def test_unreachable_service_and_refused_key(assets, service, capsys, tmp_path):
     assert not (tmp_path / "ck").exists()
 
 
-def test_demo_runs_end_to_end_on_the_embedded_service(assets, tmp_path):
-    """`longmem demo` as a user runs it (own process, embedded service, default corpus)."""
-    bb, _, _ = assets
+def test_demo_runs_end_to_end_on_the_embedded_service(assets, checkpoint, tmp_path):
+    """`longmem demo` as a user runs it (own process, embedded service, demo text)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "model_worker.cli", "demo", "--backbone", str(bb),
-         "--out", str(tmp_path / "demo"), "--steps", "2", "--segment-len", "128",
-         "--docs", "1", "--segments", "2", "--passkey-distances", "10,300",
+        [sys.executable, "-m", "memory_service.cli", "demo", "--checkpoint", str(checkpoint),
+         "--out", str(tmp_path / "demo"), "--segment-len", "128", "--docs", "1",
+         "--segments", "2", "--passkey-distances", "600", "--filler-distances", "600,2000",
          "--passkey-trials", "1"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("memory service", "training", "perplexity", "passkey @ 300",
-                 "backbone alone", "total"):
+    for line in ("memory service", "perplexity", "passkey prose @ 600",
+                 "passkey filler @ 2000", "backbone alone", "total"):
         assert line in proc.stdout, line
     result = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert set(result["phases"]) >= {"perplexity", "passkey"}
-    assert (tmp_path / "demo" / "sidenet.safetensors").is_file()
+    assert set(result["phases"]) >= {"model", "perplexity", "passkey"}
+    assert any(r["figure"] == "passkey filler @ 2000" for r in result["rows"])
