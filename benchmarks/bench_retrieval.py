@@ -105,7 +105,7 @@ def main() -> None:
     rows = []
     for j in layers:
         q, k_full = full[j]
-        hq, d = q.shape[1], q.shape[2]
+        hq = q.shape[1]
         rep = hq // k_full.shape[1]
         attn = true_attention(q, k_full, rotary, args.window)  # (n, Hq, N)
         mem_attn = attn[..., mem_lo:mem_hi].unflatten(-1, (n_chunks, args.chunk_size)).sum(-1)

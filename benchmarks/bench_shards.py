@@ -71,7 +71,7 @@ def main() -> None:
         rows.append({
             "shards": shards, "nodes": nodes, "bank_tokens": info.size_tokens,
             "p50_ms": 1e3 * p50, "queries_per_s": args.queries / p50,
-            "append_tokens_per_s": args.tokens / fill_s, "bank_bytes": info["bytes"],
+            "append_tokens_per_s": args.tokens / fill_s, "bank_bytes": info.bytes,
             "bytes_per_token": info.bytes / info.size_tokens,
         })
         client.delete_bank("big")

@@ -106,10 +106,6 @@ class BankInfo:
     bytes: int  # memory held across all shards
     created_at: float  # unix seconds
 
-    def __getitem__(self, field: str):
-        """`info["size_tokens"]` reads like `info.size_tokens`."""
-        return getattr(self, field)
-
 
 @dataclass(frozen=True)
 class AppendInfo:

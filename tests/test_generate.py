@@ -8,9 +8,9 @@ import torch
 
 from memory_service.client import InProcessClient, MemoryClient
 from memory_service.service import start_service
+from model_worker.config import MemoryConfig
 from model_worker.data import DataError, encode
 from model_worker.generate import GenerateConfig, generate, stream_tokens
-from model_worker.config import MemoryConfig
 from model_worker.session import load_model, open_bank, read_into_bank
 from tests.longmem_tiny import make_backbone, make_books
 

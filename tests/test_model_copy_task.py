@@ -46,7 +46,8 @@ def test_long_range_copy_through_memory(one_thread):
     backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():
         backbone.lm_head.weight.mul_(10.0)
-    model = LongMemModel(backbone, SideNetConfig(retrieval_layer=1, k=32, chunk_size=4, train_layers="all"))
+    cfg = SideNetConfig(retrieval_layer=1, k=32, chunk_size=4, train_layers="all")
+    model = LongMemModel(backbone, cfg)
     mem = InProcessClient()
     streams = [f"s{b}" for b in range(B)]
     model.create_banks(mem, streams, capacity_tokens=1024)

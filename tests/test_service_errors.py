@@ -132,7 +132,7 @@ def test_bad_input_gets_a_status_and_changes_nothing(service, case):
     found_after = client.search(["bank"], probe, top_k=8)
     assert torch.equal(found_before.chunk_ids, found_after.chunk_ids)
     assert torch.equal(found_before.keys, found_after.keys)
-    assert [b["name"] for b in client.list_banks()] == ["bank"]
+    assert [b.name for b in client.list_banks()] == ["bank"]
 
 
 def test_bank_quota(service):
