@@ -203,6 +203,10 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--gate-lr", type=float, default=2e-2, help="lr of the memory gates")
+    p.add_argument(
+        "--recall-weight", type=float, default=5.0,
+        help="loss weight of the tokens only memory can predict (answers, repeated passages)",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")

@@ -45,6 +45,7 @@ class DataError(ValueError):
 class Document:
     name: str
     tokens: torch.Tensor  # (N,) int64
+    recall: torch.Tensor | None = None  # (N,) bool: tokens only memory can predict
 
 
 def stdlib_dir() -> Path:
@@ -177,10 +178,15 @@ class RecallCorpus:
     def document(self, i: int) -> Document | None:
         rng = random.Random(self.seed * RECALL_DOCUMENTS + i)
         name, text = rng.choice(self.texts)
-        tokens = encode(self.source.tokenizer, recall_document(text, rng, self.config))
+        doc = recall_document(text, rng, self.config)
+        tokens, offsets = encode_with_offsets(self.source.tokenizer, doc.text)
         if len(tokens) <= self.segment_len:
             return None
-        return Document(f"recall-{i}:{name}", torch.tensor(tokens, dtype=torch.long))
+        starts, ends = torch.tensor(offsets).T  # (N,) each: the characters of each token
+        recall = torch.zeros(len(tokens), dtype=torch.bool)
+        for a, b in doc.spans:
+            recall |= (starts < b) & (ends > a)
+        return Document(f"recall-{i}:{name}", torch.tensor(tokens, dtype=torch.long), recall)
 
 
 def windows(
@@ -191,6 +197,12 @@ def windows(
     `[window start, segment start)`, at most `context` of them, are context only."""
     starts = range(context if first is None else first, n_tokens, segment_len)
     return [(max(0, s - context), s, min(s + segment_len, n_tokens)) for s in starts]
+
+
+def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and each token's character span (fast tokenizers)."""
+    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -205,6 +217,7 @@ def encode(tokenizer, text: str) -> list[int]:
 class Batch:
     input_ids: torch.Tensor  # (B, context + T): context, then the segment
     targets: torch.Tensor  # (B, T) next tokens of the segment
+    recall: torch.Tensor  # (B, T) bool: targets only memory can predict (recall documents)
     new_document: list[bool]  # row b starts a new document: reset stream b's bank first
     documents: list[str]  # row b's document name
 
@@ -257,7 +270,7 @@ class Streams:
 
     def next_batch(self) -> Batch:
         T, P = self.corpus.segment_len, self.context
-        ids, targets, new, names = [], [], [], []
+        ids, targets, recall, new, names = [], [], [], [], []
         for s in self.streams:
             doc = self._doc(s.doc) if s.doc >= 0 else None
             if doc is None or P + (s.segment + 1) * T + 1 > len(doc.tokens):
@@ -267,10 +280,12 @@ class Streams:
             chunk = doc.tokens[start : start + P + T + 1]  # (P + T + 1,)
             ids.append(chunk[:-1])
             targets.append(chunk[P + 1 :])
+            marks = doc.recall if doc.recall is not None else torch.zeros_like(doc.tokens).bool()
+            recall.append(marks[start + P + 1 : start + P + T + 1])
             new.append(s.segment == 0)
             names.append(doc.name)
             s.segment += 1
-        return Batch(torch.stack(ids), torch.stack(targets), new, names)
+        return Batch(torch.stack(ids), torch.stack(targets), torch.stack(recall), new, names)
 
     def state_dict(self) -> dict:
         return {

@@ -69,7 +69,13 @@ def _value(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
 
 
-def recall_document(source: str, rng: random.Random, cfg: RecallConfig) -> str:
+@dataclass(frozen=True)
+class RecallText:
+    text: str
+    spans: list[tuple[int, int]]  # character spans only memory can predict (answers, repeats)
+
+
+def recall_document(source: str, rng: random.Random, cfg: RecallConfig) -> RecallText:
     """A document built from a random span of `source` with facts and repeats written in."""
     cpt = cfg.chars_per_token
     n_chars = int(rng.randint(cfg.min_tokens, cfg.max_tokens) * cpt)
@@ -81,7 +87,7 @@ def recall_document(source: str, rng: random.Random, cfg: RecallConfig) -> str:
     offsets = [0]  # character offset of paragraph i's start
     for p in paras:
         offsets.append(offsets[-1] + len(p) + 2)
-    inserts: dict[int, list[str]] = {}  # before paragraph i: the sentences to put there
+    inserts: dict[int, list[tuple[str, str]]] = {}  # before paragraph i: (text, recalled)
 
     def at_gap(i: int) -> int | None:
         """Index of a paragraph 0.5k-8k tokens (log-uniform) after paragraph i, if any."""
@@ -97,16 +103,22 @@ def recall_document(source: str, rng: random.Random, cfg: RecallConfig) -> str:
             "thing": rng.choice(THINGS),
             "value": _value(rng),
         }
-        inserts.setdefault(i, []).append(rng.choice(STATE).format(**fact))
+        inserts.setdefault(i, []).append((rng.choice(STATE).format(**fact), ""))
         for _ in range(rng.choice((1, 1, 2))):
             if (j := at_gap(i)) is not None:
-                inserts.setdefault(j, []).append(rng.choice(ASK).format(**fact))
+                inserts.setdefault(j, []).append((rng.choice(ASK).format(**fact), fact["value"]))
     for _ in range(round(cfg.repeats_per_4k * n_tokens / 4000)):
         i = rng.randrange(max(1, len(paras) // 2))
         if (j := at_gap(i + 1)) is not None and 100 <= len(paras[i]) <= 1200:
-            inserts.setdefault(j, []).append(paras[i])
-    out = []
+            inserts.setdefault(j, []).append((paras[i], paras[i]))
+    text, spans = "", []
     for i, p in enumerate(paras):
-        out += inserts.get(i, [])
-        out.append(p)
-    return "\n\n".join(out) + "\n"
+        for sentence, recalled in inserts.get(i, []):
+            if recalled == sentence:  # a passage that comes back
+                spans.append((len(text), len(text) + len(sentence)))
+            elif recalled:  # an answer: the value ends the sentence, before its full stop
+                end = len(text) + len(sentence) - 1
+                spans.append((end - len(recalled), end))
+            text += sentence + "\n\n"
+        text += p + "\n\n"
+    return RecallText(text.rstrip("\n") + "\n", spans)

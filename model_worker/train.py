@@ -1,6 +1,6 @@
 """Memory-augmented adaptation: train the SideNet on long documents through the memory service.
 
-Per step, for B streams (row b = the next segment of stream b, DESIGN.md section 1):
+Per step, for B streams (row b = the next segment of stream b; docs/method.md):
 
     out = model(segment, banks, memory)    # retrieval from each stream's bank
     loss.backward(); clip; optimizer step  # every --grad-accum steps
@@ -58,6 +58,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     gate_lr: float = 2e-2  # the memory gates (scale, bias): own rate, no weight decay
+    recall_weight: float = 5.0  # loss weight of the tokens only memory can predict (recall mix)
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -180,18 +181,24 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     for step in range(start, cfg.steps):
         for g, base in zip(opt.param_groups, base_lr, strict=True):
             g["lr"] = base * lr_at(step, cfg)
-        step_loss = 0.0
+        step_loss, recall_nll, recall_n = 0.0, 0.0, 0
         for _ in range(cfg.grad_accum):
             batch = streams.next_batch()
             for bank, new in zip(banks, batch.new_document, strict=True):
                 if new:
                     memory.reset_bank(bank)
             ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+            recall = batch.recall.flatten().to(device)  # (B*T,) only memory predicts these
             with autocast:
                 o = model(ids, banks, memory, n_context=streams.context)
-                loss_t = F.cross_entropy(o.logits.flatten(0, 1).float(), targets.flatten())
-            (loss_t / cfg.grad_accum).backward()
-            step_loss += loss_t.item() / cfg.grad_accum
+                nll = F.cross_entropy(
+                    o.logits.flatten(0, 1).float(), targets.flatten(), reduction="none"
+                )
+            weight = 1 + (cfg.recall_weight - 1) * recall.float()
+            ((nll * weight).sum() / weight.sum() / cfg.grad_accum).backward()
+            step_loss += nll.mean().item() / cfg.grad_accum
+            recall_nll += nll[recall].sum().item()
+            recall_n += int(recall.sum())
             model.append_memory(memory, banks, o)
         if world > 1:  # average gradients (and the loss, for the log) over workers
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -214,6 +221,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         if log is not None:
             log.write(json.dumps({
                 "step": done, "loss": round(loss, 4), "lr": opt.param_groups[0]["lr"],
+                "recall_loss": round(recall_nll / recall_n, 4) if recall_n else None,
+                "recall_tokens": recall_n,
                 "seconds": round(elapsed, 1), "memory_seconds": round(memory.seconds, 1),
                 "gate_scale": [round(x, 4) for x in gates["scale"].tolist()],
                 "gate_bias": [round(x, 4) for x in gates["bias"].tolist()],

@@ -75,7 +75,7 @@ def test_retrieval_query_and_cached_keys_share_a_space(smol):
     segment (SideNet memory-layer queries, untrained): retrieval finds the token's own
     neighbourhood far more often than chance.
 
-    Measured at initialisation (DESIGN.md section 4 finds retrieval weak before training):
+    Measured at initialisation (retrieval is weak before training, docs/method.md):
     with the first tokens in the bank, 60% of top-1 picks go to chunk 0, the attention
     sink, so the top-1 chunk is rarely the token's own. We therefore check (a) the token's
     own chunk is among the K/csz retrieved chunks for most (token, head) pairs (~62% vs
