@@ -39,12 +39,14 @@ from model_worker.data import Corpus, DataError, Document, encode, windows
 from model_worker.memory import Memory
 from model_worker.model import LongMemModel, LongMemOutput
 from model_worker.session import (
+    UNTRAINED,
     TimedMemory,
     default_device,
     load_model,
     memory_session,
     open_bank,
     read_into_bank,
+    resolve_checkpoint,
 )
 from model_worker.sidenet import SideNetConfig
 
@@ -405,6 +407,7 @@ def run_eval(
     """Evaluate the selected sections; returns {"rows": [...], "seconds": {...}, ...} and
     writes it to `cfg.json_out`. A loaded model/tokenizer and a memory client may be passed
     in; otherwise they are loaded here and the service is `cfg.memory` or an embedded one."""
+    cfg = replace(cfg, checkpoint=resolve_checkpoint(cfg.backbone, cfg.checkpoint) or UNTRAINED)
     if model is None:
         model, tokenizer = load_model(
             cfg.backbone, cfg.checkpoint, cfg.sidenet, default_device(cfg.device)

@@ -58,8 +58,10 @@ def load_model(
     sidenet: SideNetConfig | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[LongMemModel, object]:
-    """Backbone + SideNet (+ trained weights). A checkpoint brings its own SideNet config
-    and, when `backbone` is None, names the backbone."""
+    """Backbone + SideNet (+ trained weights: `checkpoint`, by default the shipped ones for
+    the default backbone, see `resolve_checkpoint`). A checkpoint brings its own SideNet
+    config and, when `backbone` is None, names the backbone."""
+    checkpoint = resolve_checkpoint(backbone, checkpoint)
     if checkpoint is not None:
         meta_file = Path(checkpoint) / CHECKPOINT_CONFIG
         if not meta_file.is_file():

@@ -31,6 +31,7 @@ from model_worker.config import SEGMENT_LEN, MemoryConfig
 from model_worker.data import Corpus, RecallCorpus, Streams
 from model_worker.model import LongMemModel
 from model_worker.session import (
+    UNTRAINED,
     SessionError,
     TimedMemory,
     connect,
@@ -133,7 +134,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     resume = cfg.resume and (out / TRAINER_STATE).is_file()
     if cfg.resume and not resume:
         raise SessionError(f"--resume: no checkpoint in {out} (it has no {TRAINER_STATE})")
-    model, tokenizer = load_model(cfg.backbone, str(out) if resume else None, cfg.sidenet, device)
+    init = str(out) if resume else UNTRAINED
+    model, tokenizer = load_model(cfg.backbone, init, cfg.sidenet, device)
     corpus = Corpus(cfg.data, tokenizer, cfg.segment_len, "train" if cfg.data is None else "all")
     if cfg.data is not None:
         corpus.check()

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from memory_service.client import InProcessClient
+from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.model import LongMemModel
+from model_worker.session import SHIPPED_WEIGHTS, load_model, resolve_checkpoint
 
 pytestmark = pytest.mark.smollm2
 
@@ -102,3 +104,18 @@ def test_retrieval_query_and_cached_keys_share_a_space(smol):
             near = ((chunks[:, :, 0] - own).abs() <= 2).float()[32:].mean().item()
             chance = 5 / n_chunks
             assert near > 2.5 * chance, (near, chance)
+
+
+def test_shipped_weights_are_the_default_for_the_default_backbone():
+    """eval, generate and demo load the committed SideNet weights when no checkpoint is
+    given: trained (gates open), documented, small, and only what was trained."""
+    assert resolve_checkpoint(None, None) == str(SHIPPED_WEIGHTS)
+    assert resolve_checkpoint(DEFAULT_BACKBONE, None) == str(SHIPPED_WEIGHTS)
+    assert resolve_checkpoint(None, "none") is None
+    assert resolve_checkpoint("/some/other/backbone", None) is None
+    assert (SHIPPED_WEIGHTS / "TRAINING.md").is_file()
+    assert (SHIPPED_WEIGHTS / "sidenet.safetensors").stat().st_size < 25 * 2**20
+    model, _ = load_model(None, None)
+    assert model.gates()["scale"].abs().max() > 0.1, "the shipped gates were trained open"
+    untrained, _ = load_model(None, "none")
+    assert torch.equal(untrained.gates()["scale"], torch.zeros(9))
