@@ -42,26 +42,30 @@ SUPPORTED_MODEL_TYPES = LLAMA_FAMILY + GPT2_FAMILY
 class Adapter:
     """The pieces of one family's decoder layer that LongMem uses, by name.
 
-    Both families are pre-norm: `x + attn(norm1(x))`, then `h + mlp(norm2(h))`.
+    Both families are pre-norm: `x + attn(norm1(x))`, then `h + mlp(norm2(h))`. A family
+    names its modules (`NAMES`: the model's layer list and final norm, each layer's two
+    norms and attention) and says how q/k/v come out of its projections.
     """
 
+    NAMES: dict[str, str] = {}
+
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        raise NotImplementedError
+        return getattr(model.base_model, self.NAMES["layers"])
 
     def final_norm(self, model: PreTrainedModel) -> nn.Module:
-        raise NotImplementedError
+        return getattr(model.base_model, self.NAMES["final_norm"])
 
     def norm1(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return getattr(layer, self.NAMES["norm1"])
 
     def norm2(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return getattr(layer, self.NAMES["norm2"])
 
     def mlp(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return layer.mlp
 
     def attn(self, layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return getattr(layer, self.NAMES["attn"])
 
     def kv_modules(self, layer: nn.Module) -> list[nn.Module]:
         """Modules whose outputs, hooked, give the layer's keys and values."""
@@ -90,23 +94,8 @@ class Adapter:
 
 
 class LlamaAdapter(Adapter):
-    def layers(self, model):
-        return model.base_model.layers
-
-    def final_norm(self, model):
-        return model.base_model.norm
-
-    def norm1(self, layer):
-        return layer.input_layernorm
-
-    def norm2(self, layer):
-        return layer.post_attention_layernorm
-
-    def mlp(self, layer):
-        return layer.mlp
-
-    def attn(self, layer):
-        return layer.self_attn
+    NAMES = {"layers": "layers", "final_norm": "norm", "norm1": "input_layernorm",
+             "norm2": "post_attention_layernorm", "attn": "self_attn"}
 
     def kv_modules(self, layer):
         return [layer.self_attn.k_proj, layer.self_attn.v_proj]
@@ -131,23 +120,8 @@ class LlamaAdapter(Adapter):
 
 
 class GPT2Adapter(Adapter):
-    def layers(self, model):
-        return model.base_model.h
-
-    def final_norm(self, model):
-        return model.base_model.ln_f
-
-    def norm1(self, layer):
-        return layer.ln_1
-
-    def norm2(self, layer):
-        return layer.ln_2
-
-    def mlp(self, layer):
-        return layer.mlp
-
-    def attn(self, layer):
-        return layer.attn
+    NAMES = {"layers": "h", "final_norm": "ln_f", "norm1": "ln_1", "norm2": "ln_2",
+             "attn": "attn"}
 
     def kv_modules(self, layer):
         return [layer.attn.c_attn]

@@ -219,8 +219,9 @@ class SegmentCache:
         key = (n_context, tuple(window))
         if key in self.kv:
             return self.kv[key]
-        bb = self.model.backbone(torch.tensor(window, device=self.model.device)[None])
-        kv = bb.keys[0, n_context:], bb.values[0, n_context:]  # (T, Hkv, D) each
+        ids = torch.tensor(window, device=self.model.device)[None]
+        keys, values = self.model.encode_memory(ids, n_context)
+        kv = keys[0], values[0]  # (T, Hkv, D) each
         if keep:
             self.kv[key] = kv
         return kv

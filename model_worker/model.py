@@ -149,6 +149,15 @@ class LongMemModel(nn.Module):
             )
 
     @torch.no_grad()
+    def encode_memory(
+        self, input_ids: torch.Tensor, n_context: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What reading a window writes to memory, without running the SideNet: the
+        backbone's layer-m keys and values (B, T - n_context, Hkv, D) of its segment."""
+        bb = self.backbone(input_ids)
+        return bb.keys[:, n_context:], bb.values[:, n_context:]
+
+    @torch.no_grad()
     def append_memory(self, memory: Memory, streams: Sequence[str], out: LongMemOutput) -> None:
         """After a step: write row b's layer-m keys/values (T, Hkv, D) to bank streams[b]."""
         for b, name in enumerate(streams):

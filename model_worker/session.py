@@ -169,5 +169,5 @@ def read_into_bank(
     `context` tokens, which are context only) into `bank`, read on the reading grid
     (`data.windows`) as the model reads them (backbone only: it alone makes the memory)."""
     for lo, start, end in windows(len(tokens), segment_len, model.config.context, first):
-        bb = model.backbone(tokens[None, lo:end].to(model.device))
-        memory.append(bank, bb.keys[0, start - lo :], bb.values[0, start - lo :])  # (T, Hkv, D)
+        keys, values = model.encode_memory(tokens[None, lo:end].to(model.device), start - lo)
+        memory.append(bank, keys[0], values[0])  # (T, Hkv, D)
