@@ -25,8 +25,16 @@ class SearchResult(Protocol):
         ...
 
 
+class BankSpec(Protocol):
+    kv_heads: int
+    head_dim: int
+    chunk_size: int
+    capacity_tokens: int
+
+
 class BankInfo(Protocol):
     name: str
+    spec: BankSpec
     size_tokens: int  # tokens searchable now
 
 
@@ -55,6 +63,8 @@ class Memory(Protocol):
     def reset_bank(self, name: str) -> BankInfo:
         """Empty the bank; its spec stays."""
         ...
+
+    def delete_bank(self, name: str) -> None: ...
 
     def describe_bank(self, name: str) -> BankInfo: ...
 

@@ -149,11 +149,17 @@ def memory_session(cfg: MemoryConfig) -> Iterator[MemoryClient]:
 
 
 def open_bank(memory: Memory, model: LongMemModel, name: str, capacity_tokens: int) -> None:
-    """Create bank `name` for this model, or empty it if it already exists."""
-    if name in {b.name for b in memory.list_banks()}:
-        memory.reset_bank(name)
-    else:
-        model.create_banks(memory, [name], capacity_tokens)
+    """Create bank `name` for this model, empty: an existing bank of that shape and size is
+    reset, one of another shape or size is replaced."""
+    info = next((b for b in memory.list_banks() if b.name == name), None)
+    wanted = (model.kv_heads, model.head_dim, model.config.chunk_size, capacity_tokens)
+    if info is not None:
+        spec = info.spec
+        if (spec.kv_heads, spec.head_dim, spec.chunk_size, spec.capacity_tokens) == wanted:
+            memory.reset_bank(name)
+            return
+        memory.delete_bank(name)
+    model.create_banks(memory, [name], capacity_tokens)
 
 
 @torch.no_grad()

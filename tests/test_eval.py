@@ -168,3 +168,18 @@ def test_eval_perplexity_memory_off_is_plain_cross_entropy(assets, model):
         nll += F.cross_entropy(logits, doc[start + 1 : end + 1], reduction="sum").item()
     off = next(r for r in rows if (r["figure"], r["setting"]) == ("perplexity", "memory off"))
     assert off["value"] == pytest.approx(torch.tensor(nll / 128).exp().item(), rel=1e-4)
+
+
+def test_open_bank_empties_or_replaces_a_bank_of_another_size(model):
+    m, _ = model
+    mem = InProcessClient()
+    open_bank(mem, m, "b", 256)
+    keys = torch.randn(40, m.kv_heads, m.head_dim)
+    mem.append("b", keys, keys)
+    open_bank(mem, m, "b", 256)  # same size: emptied
+    info = mem.describe_bank("b")
+    assert info.size_tokens == 0 and info.spec.capacity_tokens == 256
+    mem.append("b", keys, keys)
+    open_bank(mem, m, "b", 4096)  # another size (a longer passkey): replaced
+    info = mem.describe_bank("b")
+    assert info.size_tokens == 0 and info.spec.capacity_tokens == 4096
