@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_shards.py
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_retrieval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--layers", default="13,17,21,25")
     ap.add_argument("--positions", default="none,local,delta=64,delta=512,delta=2048")
-    ap.add_argument("--json", default="bench_retrieval.json")
+    ap.add_argument("--json", default="benchmarks/results/bench_retrieval.json")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -142,6 +142,7 @@ def main() -> None:
         print(f"{r['layer']:>5} {r['memory_mass']:>6.2f} "
               + " ".join(f"{r[c]:>10.1%}" for c in choices)
               + f" {r['best']:>7.1%} {r['random']:>7.1%}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 
