@@ -1,6 +1,6 @@
 """`longmem`: the command line, one command tree rooted here.
 
-`serve` and `memory-demo` are built in this module and need the memory service alone. The
+`serve`, `keygen` and `memory-demo` are built in this module and need the memory service alone. The
 model's commands (`demo`, `train`, `eval`, `generate`) live in `model_worker.cli`, which is
 imported only when one of them runs (or shows its --help): a memory-only node never loads
 the model code or transformers.
@@ -16,14 +16,18 @@ import time
 
 import torch
 
+from memory_service import logs
 from memory_service.errors import ServiceError
-from memory_service.tenancy import TenantTable
+from memory_service.tenancy import TenantTable, new_key
+from memory_service.tls import server_tls
 from memory_service.wire import MAX_MESSAGE_BYTES
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from memory_service.service import start_service
 
+    logs.configure(args.log_level)
+    tls = server_tls(args.tls_cert, args.tls_key, args.tls_client_ca)
     tenants = TenantTable.load(args.tenants) if args.tenants else TenantTable.single()
     service = start_service(
         shards=args.shards,
@@ -39,20 +43,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_partial=args.allow_partial,
         name=args.name,
         shard_endpoints=args.shard_endpoints,
+        tls=tls,
+        metrics_port=args.metrics_port,
     )
     stop = threading.Event()  # handled before the address is out: a client may stop us then
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     devices = ", ".join(service.devices)
+    metrics_at = "" if args.metrics_port is None else f"; metrics on port {service.metrics_port}"
     print(
-        f"longmem memory service listening on {service.address} "
-        f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)})",
+        f"longmem memory service listening on {service.address}{' (TLS)' if tls else ''} "
+        f"({args.shards} shards: {devices}; tenants: {', '.join(tenants.tenants)}{metrics_at})",
         flush=True,
     )
     while not stop.wait(0.5):
         pass
     print("longmem: shutting down", flush=True)
     service.stop()
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Print a new API key and the hash that goes into the tenant file."""
+    key, digest = new_key()
+    print(f"key:  {key}\nhash: {digest}")
+    print(
+        "Give the key to the tenant; put the hash in its api_keys in the tenant file. "
+        "The key is not stored anywhere.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -164,7 +183,31 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         help="every shard also serves the API on its own node (bound to --host); "
         "the shard map lists their addresses",
     )
+    serve.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
+    serve.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="require client certificates signed by this CA (PEM); needs --tls-cert",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST is --host)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="JSON log lines to stderr at this level and above (default info)",
+    )
     serve.set_defaults(run=cmd_serve)
+
+
+def add_keygen_parser(sub: argparse._SubParsersAction) -> None:
+    keygen = sub.add_parser("keygen", help="print a new API key and its hash for a tenant file")
+    keygen.set_defaults(run=cmd_keygen)
 
 
 def add_memory_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -196,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in MODEL_COMMANDS.items():
         sub.add_parser(name, help=summary, add_help=False)
     add_serve_parser(sub)
+    add_keygen_parser(sub)
     add_memory_demo_parser(sub)
     return parser
 

@@ -22,6 +22,7 @@ from memory_service.engine import MemoryEngine
 from memory_service.search import SearchResult
 from memory_service.shard import ShardInfo, ShardSnapshot
 from memory_service.tenancy import DEFAULT_API_KEY, Tenant
+from memory_service.tls import ClientTLS
 from protos.longmem.v1 import memory_pb2 as pb
 from protos.longmem.v1 import memory_pb2_grpc as pb_grpc
 
@@ -76,8 +77,17 @@ def _raise_as_service_error(e: grpc.RpcError) -> None:
     raise cls(e.details()) from None
 
 
+def _retry_after_s(e: grpc.RpcError) -> float | None:
+    """The pause the server asked for before a retry (a tenant at its search limit)."""
+    for key, value in e.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            return int(value) / 1e3
+    return None
+
+
 class MemoryClient:
-    """gRPC client of a running memory service at `address` (host:port)."""
+    """gRPC client of a running memory service at `address` (host:port); over TLS with
+    `tls` (the CA to trust, and a client certificate for a server that requires one)."""
 
     def __init__(
         self,
@@ -86,6 +96,7 @@ class MemoryClient:
         timeout: float = 120.0,
         retries: int = 4,
         backoff_s: float = 0.25,
+        tls: ClientTLS | None = None,
     ):
         options = [
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -93,14 +104,19 @@ class MemoryClient:
         ]
         self.address, self.timeout = address, timeout
         self.retries, self.backoff_s = retries, backoff_s
-        self.channel = grpc.insecure_channel(address, options=options)
+        if tls is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, tls.credentials(), options=options)
         self.stub = pb_grpc.MemoryServiceStub(self.channel)
         self.metadata = (("x-api-key", api_key),)
 
     def _rpc(self, method: str, request, retry: bool = False):
         """Call `method`. With `retry` (calls that only read), UNAVAILABLE (a shard or the
-        coordinator restarting) is retried with exponential back-off; writes are not
-        retried, since a write the service half-did must not be done twice."""
+        coordinator restarting) is retried with exponential back-off, and so is a search
+        refused because the tenant runs too many at once (after the pause the server asks
+        for); writes are not retried, since a write the service half-did must not be done
+        twice."""
         for attempt in range(self.retries + 1):
             try:
                 answer = getattr(self.stub, method)(
@@ -108,11 +124,15 @@ class MemoryClient:
                 )
                 return wire.read_search_stream(answer) if method == "Search" else answer
             except grpc.RpcError as e:
-                if not (retry and e.code() == grpc.StatusCode.UNAVAILABLE) or (
-                    attempt == self.retries
-                ):
+                busy = _retry_after_s(e) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if not retry or attempt == self.retries:
                     _raise_as_service_error(e)
-                time.sleep(min(self.backoff_s * 2**attempt, 5.0))
+                if busy is not None:
+                    time.sleep(busy * 2**attempt)
+                elif e.code() == grpc.StatusCode.UNAVAILABLE:
+                    time.sleep(min(self.backoff_s * 2**attempt, 5.0))
+                else:
+                    _raise_as_service_error(e)
 
     def create_bank(self, name: str, **spec) -> BankInfo:
         request = pb.CreateBankRequest(name=name, spec=wire.spec_to_wire(BankSpec(**spec)))

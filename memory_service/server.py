@@ -1,23 +1,35 @@
 """The gRPC front door: authenticates each call, decodes tensors, runs an engine.
 
 Serves `longmem.v1.MemoryService`, the standard `grpc.health.v1` health service and
-server reflection. Every refused call gets a status code and a message; the engine's
-state is unchanged by it and the server keeps serving.
+server reflection, in plaintext or TLS. Every refused call gets a status code and a
+message; the engine's state is unchanged by it and the server keeps serving. Every call
+passes `interceptor.FrontDoor` (request parsing, metrics); the bank events and refusals
+are logged as JSON lines (`memory_service.logs`) naming tenant and bank, never a key.
+
+A tenant runs at most `max_concurrent_searches` searches at once on a server; one more is
+refused with RESOURCE_EXHAUSTED and the trailing metadata `retry-after-ms`, which
+`MemoryClient` honours, so a tenant that floods the service cannot starve the others.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from memory_service import metrics
 from memory_service.engine import Engine
-from memory_service.errors import PermissionDenied, ServiceError
+from memory_service.errors import PermissionDenied, ResourceExhausted, ServiceError
+from memory_service.interceptor import FrontDoor
 from memory_service.tenancy import Tenant, TenantTable
+from memory_service.tls import ServerTLS
 from memory_service.wire import (
     MAX_MESSAGE_BYTES,
     SEARCH_PART_BYTES,
@@ -35,6 +47,35 @@ from protos.longmem.v1 import memory_pb2_grpc as pb_grpc
 log = logging.getLogger("longmem.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
+RETRY_AFTER = "retry-after-ms"  # trailing metadata of a refusal worth retrying shortly
+BUSY_RETRY_MS = 50
+
+
+class Busy(ResourceExhausted):
+    """A tenant at its limit of concurrent searches; worth retrying shortly."""
+
+
+class SearchSlots:
+    """Searches running per tenant, each bounded by its `max_concurrent_searches`."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: Counter[str] = Counter()
+
+    @contextmanager
+    def slot(self, tenant: Tenant) -> Iterator[None]:
+        with self._lock:
+            if self._running[tenant.name] >= tenant.max_concurrent_searches:
+                raise Busy(
+                    f"tenant {tenant.name!r} already runs {tenant.max_concurrent_searches} "
+                    "searches (its max_concurrent_searches); retry when one has finished"
+                )
+            self._running[tenant.name] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running[tenant.name] -= 1
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
@@ -43,76 +84,84 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def __init__(self, engine: Engine, tenants: TenantTable):
         self.engine = engine
         self.tenants = tenants
+        self.searches = SearchSlots()
 
-    def _tenant(self, context: grpc.ServicerContext, writes: bool) -> Tenant:
-        key = dict(context.invocation_metadata()).get("x-api-key")
-        tenant = self.tenants.authenticate(key)
-        if writes and tenant.read_only:
-            raise PermissionDenied(f"tenant {tenant.name!r} is read-only")
-        return tenant
-
-    def _run(self, context: grpc.ServicerContext, writes: bool, fn):
+    @contextmanager
+    def _answer(
+        self, context: grpc.ServicerContext, method: str, writes: bool, bank: str = ""
+    ) -> Iterator[Tenant]:
+        """Authenticate the call and give its tenant; a refusal inside is logged and
+        becomes the call's status."""
+        tenant_name = "-"
         try:
-            return fn(self._tenant(context, writes))
+            key = dict(context.invocation_metadata()).get("x-api-key")
+            tenant = self.tenants.authenticate(key)
+            tenant_name = tenant.name
+            metrics.TENANT.set(tenant_name)
+            if writes and tenant.read_only:
+                raise PermissionDenied(f"tenant {tenant.name!r} is read-only")
+            yield tenant
         except ServiceError as e:
+            fields = {"method": method, "tenant": tenant_name, "bank": bank, "code": e.code}
+            log.info("request refused", extra=fields | {"reason": e.message})
+            if isinstance(e, Busy):
+                context.set_trailing_metadata(((RETRY_AFTER, str(BUSY_RETRY_MS)),))
             context.abort(getattr(grpc.StatusCode, e.code), e.message)
         except Exception:  # a bug, not the caller's fault: log it, keep serving
-            log.exception("internal error")
+            log.exception(
+                "internal error", extra={"method": method, "tenant": tenant_name, "bank": bank}
+            )
             context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 
+    def _bank_event(self, event: str, tenant: Tenant, bank: str) -> None:
+        log.info(event, extra={"tenant": tenant.name, "bank": bank})
+
     def CreateBank(self, request, context):
-        return self._run(
-            context,
-            True,
-            lambda t: info_to_wire(
-                self.engine.create_bank(t, request.name, spec_from_wire(request.spec))
-            ),
-        )
+        with self._answer(context, "CreateBank", True, request.name) as t:
+            info = self.engine.create_bank(t, request.name, spec_from_wire(request.spec))
+        self._bank_event("bank created", t, request.name)
+        return info_to_wire(info)
 
     def DeleteBank(self, request, context):
-        self._run(context, True, lambda t: self.engine.delete_bank(t, request.name))
+        with self._answer(context, "DeleteBank", True, request.name) as t:
+            self.engine.delete_bank(t, request.name)
+        self._bank_event("bank deleted", t, request.name)
         return pb.DeleteBankResponse()
 
     def ResetBank(self, request, context):
-        return self._run(
-            context, True, lambda t: info_to_wire(self.engine.reset_bank(t, request.name))
-        )
+        with self._answer(context, "ResetBank", True, request.name) as t:
+            info = self.engine.reset_bank(t, request.name)
+        self._bank_event("bank reset", t, request.name)
+        return info_to_wire(info)
 
     def ListBanks(self, request, context):
-        return self._run(
-            context,
-            False,
-            lambda t: pb.ListBanksResponse(
-                banks=[info_to_wire(d) for d in self.engine.list_banks(t)]
-            ),
-        )
+        with self._answer(context, "ListBanks", False) as t:
+            return pb.ListBanksResponse(banks=[info_to_wire(d) for d in self.engine.list_banks(t)])
 
     def DescribeBank(self, request, context):
-        return self._run(
-            context, False, lambda t: info_to_wire(self.engine.describe_bank(t, request.name))
-        )
+        with self._answer(context, "DescribeBank", False, request.name) as t:
+            return info_to_wire(self.engine.describe_bank(t, request.name))
 
     def Append(self, request, context):
-        def append(tenant: Tenant) -> pb.AppendResponse:
+        with self._answer(context, "Append", True, request.bank) as t:
             keys = decode(request.keys, "keys")
             values = decode(request.values, "values")
-            return append_to_wire(self.engine.append(tenant, request.bank, keys, values))
-
-        return self._run(context, True, append)
+            return append_to_wire(self.engine.append(t, request.bank, keys, values))
 
     def Search(self, request, context):
-        def search(tenant: Tenant) -> Iterator[pb.SearchResponse]:
+        banks = list(request.banks)
+        bank = ",".join(dict.fromkeys(banks))
+        with self._answer(context, "Search", False, bank) as t, self.searches.slot(t):
             queries = decode(request.queries, "queries")
-            result = self.engine.search(tenant, list(request.banks), queries, request.top_k)
-            return search_messages(result)
-
-        yield from self._run(context, False, search)
+            yield from search_messages(self.engine.search(t, banks, queries, request.top_k))
 
     def Snapshot(self, request, context):
-        return self._run(context, True, lambda t: snapshot_to_wire(self.engine.snapshot()))
+        with self._answer(context, "Snapshot", True):
+            return snapshot_to_wire(self.engine.snapshot())
 
     def DescribeService(self, request, context):
-        return self._run(context, False, lambda t: shard_map_to_wire(self.engine.shard_map()))
+        with self._answer(context, "DescribeService", False):
+            return shard_map_to_wire(self.engine.shard_map())
 
 
 def advertised(address: str) -> str:
@@ -131,15 +180,21 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    workers: int = 8,
+    workers: int = 32,
+    tls: ServerTLS | None = None,
 ) -> tuple[grpc.Server, str]:
-    """Start serving on host:port (0 picks a free port); returns the server and its address."""
+    """Start serving on host:port (0 picks a free port), with TLS when `tls` is given;
+    returns the server and its address."""
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max(max_message_bytes, 2 * SEARCH_PART_BYTES)),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[FrontDoor()],
+        options=options,
+    )
     pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(engine, tenants), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -153,8 +208,12 @@ def start_server(
         ),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.credentials())
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     server.start()
     return server, f"{host}:{bound}"

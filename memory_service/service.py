@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import (
     PlacementGroupSchedulingStrategy,
 )
 
+from memory_service import metrics
 from memory_service.actor_calls import (
     NAMESPACE,
     CoordinatorCall,
@@ -43,12 +44,14 @@ from memory_service.engine import MemoryEngine
 from memory_service.errors import InvalidArgument, ServiceError, Unavailable
 from memory_service.server import advertised, start_server
 from memory_service.tenancy import TenantTable
+from memory_service.tls import ServerTLS
 from memory_service.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("longmem.service")
 
 SHARD_MEMORY = 64 << 20  # nominal bundle size when shards take no GPU
 HEALTH_EVERY_S = 0.5  # how often the service pings its shards
+BANK_STATS_EVERY_S = 5.0  # how often the bank gauges of the metrics are refreshed
 PLACEMENT_TIMEOUT_S = 120.0
 # torch tensors cross actor boundaries through shared memory, not pickled copies (10x faster
 # for a search's chunk table)
@@ -87,6 +90,7 @@ class Service:
             gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
         self.snapshot_dir = snapshot_dir
         self.server, self.address = None, ""
+        self.metrics_server = None
         bundle = {"GPU": gpus_per_shard} if gpus_per_shard else {"memory": SHARD_MEMORY}
         self.placement_group = placement_group([bundle] * n_shards, strategy=placement.upper())
         try:
@@ -134,12 +138,42 @@ class Service:
             ).start()
 
     def serve(
-        self, tenants: TenantTable, host: str, port: int, max_message_bytes: int
+        self,
+        tenants: TenantTable,
+        host: str,
+        port: int,
+        max_message_bytes: int,
+        tls: ServerTLS | None = None,
     ) -> None:
         """Start the gRPC server on host:port (0: a free port) and publish its address."""
-        self.server, address = start_server(self.engine, tenants, host, port, max_message_bytes)
+        self.server, address = start_server(
+            self.engine, tenants, host, port, max_message_bytes, tls=tls
+        )
         self.address = advertised(address)
         self.engine.core("set_endpoint", self.address)
+
+    def serve_metrics(self, tenants: TenantTable, host: str, port: int) -> None:
+        """Serve Prometheus metrics at http://host:port/metrics (0: a free port; the port
+        is then `metrics_port`), refreshing the tenants' bank gauges every few seconds."""
+        self.metrics_server = metrics.serve(host, port)
+        self.metrics_port = self.metrics_server.server_port
+        threading.Thread(target=self._bank_stats_loop, args=(tenants,), daemon=True).start()
+
+    def _bank_stats_loop(self, tenants: TenantTable) -> None:
+        while True:
+            for tenant in tenants.tenants.values():
+                try:
+                    banks = self.engine.list_banks(tenant)
+                except ServiceError:
+                    continue  # the coordinator is restarting: keep the last figures
+                metrics.set_banks(
+                    tenant.name,
+                    len(banks),
+                    sum(b.size_tokens for b in banks),
+                    sum(b.bytes for b in banks),
+                )
+            if self._stop.wait(BANK_STATS_EVERY_S):
+                return
 
     def _health_loop(self) -> None:
         """Ping every shard; a shard that does not answer in time is down until it does."""
@@ -154,8 +188,12 @@ class Service:
                     ray.get(ref)
                 except (RayActorError, GetTimeoutError):
                     down.add(s)
-            if down != self.shard_calls.down:
-                log.warning("shards down: %s", sorted(down) or "none")
+            was_down = self.shard_calls.down
+            for s in pings:
+                metrics.set_shard_up(s, s not in down, s not in was_down)
+                if (s in down) != (s in was_down):
+                    event = "shard down" if s in down else "shard up"
+                    (log.warning if s in down else log.info)(event, extra={"shard": s})
             self.shard_calls.down = down
 
     def _snapshot_loop(self, every_s: float) -> None:
@@ -163,19 +201,22 @@ class Service:
             try:
                 self.engine.snapshot()
             except ServiceError as e:
-                log.warning("periodic snapshot failed: %s", e.message)
+                log.warning("periodic snapshot failed", extra={"reason": e.message})
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop serving, then stop the actors, saving a last snapshot first when there is a
         snapshot dir."""
         if self.server is not None:
             self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self._stop.set()
         if self.snapshot_dir:
             try:
                 self.engine.snapshot()
             except ServiceError as e:
-                log.warning("final snapshot failed: %s", e.message)
+                log.warning("final snapshot failed", extra={"reason": e.message})
         for actor in [self.coordinator, *self.shards]:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.placement_group)
@@ -195,6 +236,8 @@ def start_service(
     allow_partial: bool = False,
     name: str = "default",
     shard_endpoints: bool = False,
+    tls: ServerTLS | None = None,
+    metrics_port: int | None = None,
 ) -> Service:
     """Start shard and coordinator actors (joining `ray_address`, or an embedded local Ray
     when Ray is not running yet) and a gRPC server on host:port (0: a free port).
@@ -204,9 +247,13 @@ def start_service(
     `host`), so clients can spread over them; the shard map lists their addresses.
     `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
     (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop).
+    `tls`: serve over TLS. `metrics_port`: serve Prometheus metrics on host:port (0: any
+    free port, then `Service.metrics_port`).
     """
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
+    if shard_endpoints and tls is not None:
+        raise InvalidArgument("--shard-endpoints serve plaintext only; leave out one of them")
     if not ray.is_initialized():
         # the embedded Ray serves this process alone, on loopback: no token authentication
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -229,7 +276,9 @@ def start_service(
         endpoint,
     )
     try:
-        service.serve(tenants, host, port, max_message_bytes)
+        service.serve(tenants, host, port, max_message_bytes, tls)
+        if metrics_port is not None:
+            service.serve_metrics(tenants, host, metrics_port)
     except Exception:
         service.stop()
         raise
