@@ -36,6 +36,7 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 4096
 MAX_CHUNK_SIZE = 1024
 MAX_CAPACITY_TOKENS = 1 << 36
+NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_BLOCK_SCORES = 1 << 25  # score-matrix entries computed at once (128 MiB of float32)
 
 
@@ -249,10 +250,17 @@ class ChunkStore:
         self.ids = torch.full((S,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
         self.used = 0  # slots [0, used) have been written; the rest were never filled
         self.oldest_live_id = 0
+        self.end_id = NO_END
 
     def evict_below(self, oldest_live_id: int) -> None:
         """Drop chunks older than the id (the catalog's FIFO mark; it only moves forward)."""
         self.oldest_live_id = max(self.oldest_live_id, oldest_live_id)
+
+    def mark(self, live: tuple[int, int]) -> None:
+        """Serve only ids in `[oldest, end)` (the catalog's FIFO mark and stream end): chunks
+        of an append that failed on another shard, at or past the end, are never served."""
+        self.evict_below(live[0])
+        self.end_id = live[1]
 
     def state(self) -> dict:
         """Everything needed to rebuild this store (for snapshots), on the CPU."""
@@ -279,8 +287,8 @@ class ChunkStore:
 
     @property
     def live(self) -> torch.Tensor:
-        """(S,) bool: slots holding a chunk that eviction has not dropped."""
-        return self.ids >= self.oldest_live_id
+        """(S,) bool: slots holding a chunk that eviction has not dropped, below the end."""
+        return (self.ids >= self.oldest_live_id) & (self.ids < self.end_id)
 
     @property
     def n_chunks(self) -> int:
@@ -353,6 +361,7 @@ class ChunkStore:
             or int(slots.max()) >= self.used
             or bool((self.ids[slots] != ids).any())
             or int(ids.min()) < self.oldest_live_id
+            or int(ids.max()) >= self.end_id
         ):
             raise NotFound("some requested chunks are not (or no longer) on this shard")
         heads, slots = heads.to(self.device), slots.to(self.device)

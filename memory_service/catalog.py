@@ -10,7 +10,13 @@ generation on every create and reset means chunks a shard kept from before (say,
 from a snapshot) can never reappear in a newer bank of the same name.
 
 With `snapshot_dir` the catalog is written there after every change and read back when
-the catalog starts again (a restarted coordinator resumes every stream where it was).
+the catalog starts again (a restarted coordinator resumes every stream where it was). With
+a durability other than `none` (`memory_service.wal`), an append logs the bank's new stream
+position (`catalog.wal`) instead of rewriting the whole catalog, and is applied everywhere
+or nowhere: if a shard does not take its chunks, the stream position goes back and the
+append fails (chunks other shards took lie past the stream end, so they are never served,
+and the next append overwrites them). Nothing is acknowledged before the shards' and the
+catalog's records are on disk (`LogTickets`, waited for by the engine).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,16 +35,28 @@ from memory_service.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from memory_service.files import atomic_write
 from memory_service.search import ShardCall
-from memory_service.shard import ShardInfo, ShardSnapshot, split_chunks
+from memory_service.shard import LiveRange, ShardInfo, ShardSnapshot, split_chunks
 from memory_service.tenancy import Tenant
+from memory_service.wal import WriteAheadLog, check_durability, read_records
 
 log = logging.getLogger("longmem.catalog")
 
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 CATALOG_FILE = "catalog.pt"
+CATALOG_LOG = "catalog.wal"
+
+
+@dataclass(frozen=True)
+class LogTickets:
+    """An append's log records, to wait for before it is acknowledged: the catalog's
+    sequence number and each shard's (`wait_durable`). Empty with durability `none`."""
+
+    catalog: int | None = None
+    shards: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,14 +75,22 @@ class BankEntry:
 
 
 class Catalog:
-    def __init__(self, n_shards: int, call: ShardCall, snapshot_dir: str | None = None):
+    def __init__(
+        self,
+        n_shards: int,
+        call: ShardCall,
+        snapshot_dir: str | None = None,
+        durability: str = "none",
+    ):
+        """`durability` (see `memory_service.wal`) takes effect with a `snapshot_dir`."""
         self.n_shards = n_shards
         self.call = call
         self.snapshot_dir = snapshot_dir
         self.banks: dict[tuple[str, str], BankEntry] = {}  # (tenant, name) -> entry
         self.generation = 0
+        self.wal: WriteAheadLog | None = None
         if snapshot_dir:
-            self._load()
+            self._load(check_durability(durability))
 
     # --- persistence -----------------------------------------------------------------
 
@@ -86,12 +112,40 @@ class Catalog:
                 for e in self.banks.values()
             ],
         }
-        atomic_write(Path(self.snapshot_dir) / CATALOG_FILE, lambda tmp: torch.save(state, tmp))
+        directory = Path(self.snapshot_dir)
+        write = lambda tmp: torch.save(state, tmp)  # noqa: E731
+        atomic_write(directory / CATALOG_FILE, write, durable=self.wal is not None)
+        if self.wal is not None:
+            self.wal.truncate()
+        else:  # a log left by an earlier run with durability: the file now holds it
+            (directory / CATALOG_LOG).unlink(missing_ok=True)
 
-    def _load(self) -> None:
+    def _load(self, durability: str) -> None:
+        """Read the catalog file, then replay the log after it (a log left by a run with
+        durability is replayed whatever `durability` is now)."""
         path = Path(self.snapshot_dir) / CATALOG_FILE
-        if not path.exists():
-            return
+        if path.exists():
+            self._load_file(path)
+        log_path = Path(self.snapshot_dir) / CATALOG_LOG
+        if durability == "none":
+            records = (r for r, _ in read_records(log_path))
+        else:
+            self.wal = WriteAheadLog(log_path, durability)
+            records = self.wal.replay()
+        for header, tensors in records:
+            entry = self.banks.get((header.get("tenant"), header.get("name")))
+            if entry is None or entry.generation != header.get("generation"):
+                continue  # the bank was deleted or reset after this record
+            keys, values = tensors
+            entry.chunker.load_state(
+                {
+                    "next_chunk_id": header["next_chunk_id"],
+                    "pending_keys": keys,
+                    "pending_values": values,
+                }
+            )
+
+    def _load_file(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)
         if state["n_shards"] != self.n_shards:
             raise InvalidArgument(
@@ -174,7 +228,8 @@ class Catalog:
         or was down when they were appended; they are never served."""
         entry = self._entry(tenant, name)
         oldest = entry.chunker.oldest_live_id
-        per_shard = self.call("describe", {s: (entry.key, oldest) for s in range(self.n_shards)})
+        live = self._live(entry)
+        per_shard = self.call("describe", {s: (entry.key, live) for s in range(self.n_shards)})
         chunks = sum(d["chunks"] for d in per_shard.values())
         expected = sum(entry.chunker.expected_chunks(s, self.n_shards) for s in per_shard)
         return BankInfo(
@@ -193,27 +248,55 @@ class Catalog:
 
     def append(
         self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
-    ) -> AppendInfo:
-        """Append tokens `(n, kv_heads, head_dim)` in stream order to a bank.
-
-        The stream position is saved before the chunks go out, so a chunk a shard did not
-        take (it was down) shows as lost, never as present.
-        """
+    ) -> tuple[AppendInfo, LogTickets]:
+        """Append tokens `(n, kv_heads, head_dim)` in stream order to a bank; also return
+        the log records to wait for before acknowledging it."""
         entry = self._entry(tenant, name)
         check_kv(entry.spec, keys, values)
+        if self.wal is None:
+            return self._append_unlogged(entry, keys, values), LogTickets()
+        before = entry.chunker.state()
+        first_id, k, v = entry.chunker.push(keys, values)
+        try:
+            _, shards = self._deal(entry, first_id, k, v, partial=False)
+            position = {
+                "op": "position",
+                "tenant": entry.tenant,
+                "name": entry.name,
+                "generation": entry.generation,
+                "next_chunk_id": entry.chunker.next_chunk_id,
+            }
+            pending = (entry.chunker.pending_keys, entry.chunker.pending_values)
+            try:
+                seq = self.wal.append(position, pending)
+            except OSError as e:
+                raise Unavailable(f"the catalog cannot write its log: {e}") from None
+        except BaseException:
+            entry.chunker.load_state(before)  # applied nowhere: past the end on the shards
+            raise
+        info = AppendInfo(
+            appended_tokens=keys.shape[0],
+            pending_tokens=entry.chunker.pending_tokens,
+            appended_chunks=entry.chunker.next_chunk_id,
+            lost_chunks=0,
+        )
+        return info, LogTickets(seq, {s: q for s, q in shards.items() if q is not None})
+
+    def _append_unlogged(
+        self, entry: BankEntry, keys: torch.Tensor, values: torch.Tensor
+    ) -> AppendInfo:
+        """Durability `none`: the stream position is saved before the chunks go out, so a
+        chunk a shard did not take (it was down) shows as lost, never as present."""
         first_id, k, v = entry.chunker.push(keys, values)
         self._save()
-        oldest = entry.chunker.oldest_live_id
-        parts = split_chunks(first_id, k, v, self.n_shards)
-        args = {s: (entry.key, entry.spec, *p, oldest) for s, p in enumerate(parts) if len(p[0])}
-        taken = self.call("add", args, partial=True)
-        lost = sum(len(parts[s][0]) for s in args if s not in taken)
+        sent, taken = self._deal(entry, first_id, k, v, partial=True)
+        lost = sum(n for s, n in sent.items() if s not in taken)
         if lost:
             log.warning(
                 "%d chunks of bank %r lost: shards %s unavailable",
                 lost,
-                name,
-                sorted(set(args) - set(taken)),
+                entry.name,
+                sorted(set(sent) - set(taken)),
             )
         return AppendInfo(
             appended_tokens=keys.shape[0],
@@ -222,8 +305,29 @@ class Catalog:
             lost_chunks=lost,
         )
 
-    def resolve(self, tenant: Tenant, names: list[str]) -> tuple[list[str], list[int], BankSpec]:
-        """For a search: the banks' shard keys, FIFO marks and common spec."""
+    def _deal(
+        self, entry: BankEntry, first_id: int, k: torch.Tensor, v: torch.Tensor, partial: bool
+    ) -> tuple[dict[int, int], dict[int, int | None]]:
+        """Send each shard its chunks: how many each was sent, and the answers of those
+        that took them (their log sequence numbers)."""
+        oldest = entry.chunker.oldest_live_id
+        parts = split_chunks(first_id, k, v, self.n_shards)
+        args = {s: (entry.key, entry.spec, *p, oldest) for s, p in enumerate(parts) if len(p[0])}
+        taken = self.call("add", args, partial=partial) if args else {}
+        return {s: len(a[2]) for s, a in args.items()}, taken
+
+    def wait_durable(self, seq: int) -> None:
+        """Return once catalog log record `seq` is on disk."""
+        if self.wal is not None:
+            self.wal.wait(seq)
+
+    def _live(self, entry: BankEntry) -> LiveRange:
+        return entry.chunker.oldest_live_id, entry.chunker.next_chunk_id
+
+    def resolve(
+        self, tenant: Tenant, names: list[str]
+    ) -> tuple[list[str], list[LiveRange], BankSpec]:
+        """For a search: the banks' shard keys, live ranges and common spec."""
         if not names:
             raise InvalidArgument("name at least one bank to search")
         entries = [self._entry(tenant, n) for n in names]
@@ -239,7 +343,7 @@ class Catalog:
                     f"banks {names[0]!r} and {e.name!r} differ in heads, head dim, chunk size or "
                     "dtype; one search can only serve banks of one shape"
                 )
-        return [e.key for e in entries], [e.chunker.oldest_live_id for e in entries], spec
+        return [e.key for e in entries], [self._live(e) for e in entries], spec
 
     def snapshot(self) -> list[ShardSnapshot]:
         """Save the catalog and every shard's banks to `snapshot_dir`."""

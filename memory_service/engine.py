@@ -25,10 +25,11 @@ import torch
 
 from memory_service.bank import AppendInfo, BankInfo, BankSpec, check_queries
 from memory_service.catalog import Catalog
-from memory_service.errors import InvalidArgument
+from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.search import CompactResult, ShardCall, sharded_search
 from memory_service.shard import Shard, ShardInfo, ShardSnapshot
 from memory_service.tenancy import Tenant
+from memory_service.wal import DEFAULT_DURABILITY
 
 # core(method, *args) runs a `Catalog` method and returns its answer; a ServiceError it
 # raises reaches the caller as itself.
@@ -85,18 +86,23 @@ class MemoryEngine:
 
     @classmethod
     def local(
-        cls, n_shards: int = 1, device: str = "cpu", snapshot_dir: str | None = None
+        cls,
+        n_shards: int = 1,
+        device: str = "cpu",
+        snapshot_dir: str | None = None,
+        durability: str = DEFAULT_DURABILITY,
     ) -> MemoryEngine:
         """The catalog and the shards as objects in this process; with `snapshot_dir` they
-        start from the snapshot there, if there is one."""
+        start from the snapshot and logs there, if there are any, and log appends with
+        `durability` (`memory_service.wal`)."""
         shards = [Shard(i, n_shards, device) for i in range(n_shards)]
         for shard in shards if snapshot_dir else ():
-            shard.load_snapshot(snapshot_dir)
+            shard.restore(snapshot_dir, durability)
 
         def call(method: str, args: dict[int, tuple], partial: bool = False) -> dict:
             return {s: getattr(shards[s], method)(*a) for s, a in args.items()}
 
-        catalog = Catalog(n_shards, call, snapshot_dir)
+        catalog = Catalog(n_shards, call, snapshot_dir, durability)
         return cls(n_shards, lambda method, *args: getattr(catalog, method)(*args), call)
 
     def create_bank(self, tenant: Tenant, name: str, spec: BankSpec) -> BankInfo:
@@ -117,18 +123,31 @@ class MemoryEngine:
     def append(
         self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
     ) -> AppendInfo:
-        return self.core("append", tenant, name, keys, values)
+        """Append, then wait until its log records are on disk (durability other than
+        `none`) before acknowledging it."""
+        info, tickets = self.core("append", tenant, name, keys, values)
+        try:
+            if tickets.shards:
+                self.shards("wait_durable", {s: (q,) for s, q in tickets.shards.items()})
+            if tickets.catalog is not None:
+                self.core("wait_durable", tickets.catalog)
+        except Unavailable as e:
+            raise Unavailable(
+                f"the append was applied but not confirmed on disk ({e.message}); it is "
+                "replayed with the log if its record was written: see describe_bank"
+            ) from None
+        return info
 
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
     ) -> CompactResult:
-        bank_keys, oldest, spec = self.core("resolve", tenant, names)
+        bank_keys, live, spec = self.core("resolve", tenant, names)
         check_search(names, queries, spec, top_k)
         return sharded_search(
             self.shards,
             self.n_shards,
             bank_keys,
-            oldest,
+            live,
             spec,
             queries,
             top_k,

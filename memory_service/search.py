@@ -119,18 +119,19 @@ def sharded_search(
     call: ShardCall,
     n_shards: int,
     bank_keys: list[str],
-    oldest_live_ids: list[int],
+    live: list[tuple[int, int]],
     spec: BankSpec,
     queries: torch.Tensor,
     top_k: int,
     allow_partial: bool = False,
 ) -> CompactResult:
-    """Exact top-k over all shards for queries `(B, n, Hq, D)`, row b in bank `bank_keys[b]`.
+    """Exact top-k over all shards for queries `(B, n, Hq, D)`, row b in bank `bank_keys[b]`
+    (of which chunk ids in `[oldest, end)` = `live[b]` may be served).
 
     With `allow_partial`, shards that do not answer the search are left out and named in
     `missing_shards`; otherwise any such shard fails the search with Unavailable.
     """
-    banks = (bank_keys, oldest_live_ids, spec)
+    banks = (bank_keys, live, spec)
     args = {s: (*banks, queries, top_k) for s in range(n_shards)}
     local = call("search", args, partial=allow_partial)
     missing = tuple(s for s in range(n_shards) if s not in local)

@@ -11,7 +11,9 @@ amount of memory otherwise (it needs no CPU: searches are matrix products that u
 node's cores anyway, and leaving CPUs unclaimed keeps them for training workers).
 
 Restarts: shard and coordinator actors restart without limit when their process or node
-dies (see `memory_service.actors`). While a shard is down (the service pings every shard
+dies (see `memory_service.actors`); with a snapshot dir and a durability other than `none`
+(`memory_service.wal`, default `group`) they replay their write-ahead logs, so no
+acknowledged append is lost. While a shard is down (the service pings every shard
 twice a second) searches fail fast with Unavailable, or with `allow_partial` are answered
 by the other shards.
 """
@@ -45,6 +47,7 @@ from memory_service.errors import InvalidArgument, ServiceError, Unavailable
 from memory_service.server import advertised, start_server
 from memory_service.tenancy import TenantTable
 from memory_service.tls import ServerTLS
+from memory_service.wal import DEFAULT_DURABILITY, check_durability
 from memory_service.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("longmem.service")
@@ -83,9 +86,11 @@ class Service:
         snapshot_every_s: float = 0.0,
         name: str = "default",
         shard_endpoint: ShardEndpoint | None = None,
+        durability: str = DEFAULT_DURABILITY,
     ):
         if placement not in ("spread", "pack"):
             raise InvalidArgument(f"placement must be 'spread' or 'pack', got {placement!r}")
+        check_durability(durability)
         if gpus_per_shard is None:
             gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
         self.snapshot_dir = snapshot_dir
@@ -111,7 +116,7 @@ class Service:
                 max_restarts=-1,
                 runtime_env=ACTOR_ENV,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-            ).remote(i, n_shards, snapshot_dir, shard_endpoint)
+            ).remote(i, n_shards, snapshot_dir, shard_endpoint, durability)
             for i in range(n_shards)
         ]
         here = ray.get_runtime_context().get_node_id()  # the coordinator stays with the server
@@ -122,7 +127,7 @@ class Service:
             max_restarts=-1,
             runtime_env=ACTOR_ENV,
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
-        ).remote(name, n_shards, snapshot_dir)
+        ).remote(name, n_shards, snapshot_dir, durability)
         self.shard_calls = ShardActors(name, n_shards)
         self.engine = MemoryEngine(n_shards, CoordinatorCall(name), self.shard_calls, allow_partial)
         shard_map = self.engine.shard_map()
@@ -238,6 +243,7 @@ def start_service(
     shard_endpoints: bool = False,
     tls: ServerTLS | None = None,
     metrics_port: int | None = None,
+    durability: str = DEFAULT_DURABILITY,
 ) -> Service:
     """Start shard and coordinator actors (joining `ray_address`, or an embedded local Ray
     when Ray is not running yet) and a gRPC server on host:port (0: a free port).
@@ -246,12 +252,14 @@ def start_service(
     `shard_endpoints`: every shard also serves the whole API on its own node (bound to
     `host`), so clients can spread over them; the shard map lists their addresses.
     `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
-    (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop).
+    (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop) and holds
+    the write-ahead logs of `durability` (`none`, `group` or `fsync`: `memory_service.wal`).
     `tls`: serve over TLS. `metrics_port`: serve Prometheus metrics on host:port (0: any
     free port, then `Service.metrics_port`).
     """
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
+    check_durability(durability)
     if shard_endpoints and tls is not None:
         raise InvalidArgument("--shard-endpoints serve plaintext only; leave out one of them")
     if not ray.is_initialized():
@@ -274,6 +282,7 @@ def start_service(
         snapshot_every_s,
         name,
         endpoint,
+        durability,
     )
     try:
         service.serve(tenants, host, port, max_message_bytes, tls)

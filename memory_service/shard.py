@@ -4,13 +4,19 @@ The Ray shard actor (`memory_service.actors.ShardActor`) is this class run in an
 process; the in-process client holds instances of it directly.
 
 A shard learns of a bank when its first chunks arrive (`add` carries the spec), so it holds
-no list of banks that could disagree with the catalog. Every call carries the catalog's
-FIFO mark (`oldest_live_id`), so a shard restored from an older snapshot never serves a
-chunk that has since been evicted.
+no list of banks that could disagree with the catalog. Every read carries the catalog's
+live range per bank (`LiveRange`: the FIFO mark and the stream end), so a shard restored
+from an older snapshot never serves a chunk that has since been evicted, and chunks of an
+append that failed elsewhere (past the end) are never served.
+
+With a durability other than `none` (`memory_service.wal`), every `add` and `drop_bank` is
+logged beside the snapshot before it is acknowledged; `restore` loads the snapshot and
+replays the log, and each snapshot truncates it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +24,13 @@ from pathlib import Path
 import torch
 
 from memory_service.bank import BankSpec, ChunkStore
-from memory_service.errors import InvalidArgument, NotFound
+from memory_service.errors import InvalidArgument, NotFound, Unavailable
 from memory_service.files import atomic_write
+from memory_service.wal import WriteAheadLog, check_durability, read_records
+
+log = logging.getLogger("longmem.shard")
+
+LiveRange = tuple[int, int]  # chunk ids in [oldest, end) of a bank may be served
 
 
 @dataclass(frozen=True)
@@ -63,15 +74,18 @@ class Shard:
     def __init__(self, index: int, n_shards: int, device: str = "cpu"):
         self.index, self.n_shards, self.device = index, n_shards, device
         self.stores: dict[str, ChunkStore] = {}
+        self.wal: WriteAheadLog | None = None
 
-    def _store(self, bank_key: str, oldest_live_id: int) -> ChunkStore | None:
+    def _store(self, bank_key: str, live: LiveRange) -> ChunkStore | None:
         store = self.stores.get(bank_key)
         if store is not None:
-            store.evict_below(oldest_live_id)
+            store.mark(live)
         return store
 
     def drop_bank(self, bank_key: str) -> None:
         self.stores.pop(bank_key, None)
+        if self.wal is not None:
+            self.wal.append({"op": "drop", "bank": bank_key})
 
     def add(
         self,
@@ -81,16 +95,31 @@ class Shard:
         keys: torch.Tensor,
         values: torch.Tensor,
         oldest_live_id: int,
-    ) -> None:
+    ) -> int | None:
+        """Store chunks `ids` of a bank; with a log, log them too and return the record's
+        sequence number (`wait_durable` returns once it is on disk)."""
         store = self.stores.get(bank_key)
         if store is None:
-            store = self.stores[bank_key] = ChunkStore(spec, self.index, self.n_shards, self.device)
-        store.add(ids, keys, values, oldest_live_id)
+            store = ChunkStore(spec, self.index, self.n_shards, self.device)
+        store.add(ids, keys, values, oldest_live_id)  # checks them first
+        self.stores[bank_key] = store
+        if self.wal is None:
+            return None
+        header = {"op": "add", "bank": bank_key, "spec": spec.to_dict(), "oldest": oldest_live_id}
+        try:
+            return self.wal.append(header, (ids, keys, values))
+        except OSError as e:  # the catalog rolls the append back: these ids are never served
+            raise Unavailable(f"shard {self.index} cannot write its log: {e}") from None
+
+    def wait_durable(self, seq: int) -> None:
+        """Return once log record `seq` is on disk."""
+        if self.wal is not None:
+            self.wal.wait(seq)
 
     def search(
         self,
         bank_keys: list[str],
-        oldest_live_ids: list[int],
+        live: list[LiveRange],
         spec: BankSpec,
         queries: torch.Tensor,
         top_k: int,
@@ -102,19 +131,19 @@ class Shard:
         B, n, Hq, _ = queries.shape
         scores = torch.full((B, n, Hq, top_k), -torch.inf)
         ids = torch.full((B, n, Hq, top_k), -1, dtype=torch.int64)
-        for b, (key, oldest) in enumerate(zip(bank_keys, oldest_live_ids, strict=True)):
-            store = self._store(key, oldest)
+        for b, (key, bank_live) in enumerate(zip(bank_keys, live, strict=True)):
+            store = self._store(key, bank_live)
             if store is not None:  # no chunks of this bank here yet
                 s, i = store.search(queries[b], top_k)
                 scores[b], ids[b] = s.cpu(), i.cpu()
         return scores, ids
 
     def gather(
-        self, bank_keys: list[str], oldest_live_ids: list[int], spec: BankSpec, rows: torch.Tensor
+        self, bank_keys: list[str], live: list[LiveRange], spec: BankSpec, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `(U, csz, D)` for rows `(U, 3)` of (bank index, kv head, chunk id)."""
         banks = rows[:, 0].unique().tolist()
-        stores = {b: self._store(bank_keys[b], oldest_live_ids[b]) for b in banks}
+        stores = {b: self._store(bank_keys[b], live[b]) for b in banks}
         if any(s is None for s in stores.values()):
             raise NotFound(f"shard {self.index} holds none of the requested chunks")
         if len(banks) == 1:
@@ -133,22 +162,30 @@ class Shard:
         """Where this shard runs and what it holds (its entry in the shard map)."""
         return ShardInfo(self.index, device=self.device, banks=len(self.stores))
 
-    def describe(self, bank_key: str, oldest_live_id: int) -> dict:
-        store = self._store(bank_key, oldest_live_id)
+    def describe(self, bank_key: str, live: LiveRange) -> dict:
+        store = self._store(bank_key, live)
         if store is None:
             return {"chunks": 0, "bytes": 0}
         return {"chunks": store.n_chunks, "bytes": store.nbytes}
 
-    # --- snapshots -----------------------------------------------------------------------
+    # --- snapshots and the log ----------------------------------------------------------
 
     def snapshot_path(self, directory: str | os.PathLike) -> Path:
         return Path(directory) / f"shard-{self.index}-of-{self.n_shards}.pt"
 
+    def log_path(self, directory: str | os.PathLike) -> Path:
+        return Path(directory) / f"shard-{self.index}-of-{self.n_shards}.wal"
+
     def save_snapshot(self, directory: str | os.PathLike) -> ShardSnapshot:
-        """Write every bank of this shard to one file (temporary name, then rename)."""
+        """Write every bank of this shard to one file (temporary name, then rename), then
+        truncate the log (with one, the snapshot is fsynced first)."""
         path = self.snapshot_path(directory)
         states = {key: s.state() for key, s in self.stores.items()}
-        atomic_write(path, lambda tmp: torch.save(states, tmp))
+        atomic_write(path, lambda tmp: torch.save(states, tmp), durable=self.wal is not None)
+        if self.wal is not None:
+            self.wal.truncate()
+        else:  # a log left by an earlier run with durability: the snapshot now holds it
+            self.log_path(directory).unlink(missing_ok=True)
         return ShardSnapshot(self.index, len(self.stores), path.stat().st_size)
 
     def load_snapshot(self, directory: str | os.PathLike) -> bool:
@@ -162,3 +199,34 @@ class Shard:
                 raise InvalidArgument(f"snapshot {path} was written by another shard layout")
             self.stores[key] = ChunkStore.from_state(state, self.device)
         return True
+
+    def restore(self, directory: str | os.PathLike, durability: str) -> bool:
+        """Load the snapshot, replay the log after it (a log left by a run with durability
+        is replayed whatever `durability` is now), then log from here on unless
+        `durability` is `none`. True when anything was restored."""
+        restored = self.load_snapshot(directory)
+        if check_durability(durability) == "none":
+            records = (r for r, _ in read_records(self.log_path(directory)))
+        else:
+            self.wal = WriteAheadLog(self.log_path(directory), durability)
+            records = self.wal.replay()
+        replayed = 0
+        for header, tensors in records:
+            self._replay(header, tensors)
+            replayed += 1
+        if replayed:
+            log.info("shard %d replayed %d log records", self.index, replayed)
+        return restored or replayed > 0
+
+    def _replay(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        wal, self.wal = self.wal, None  # replayed records are logged already
+        try:
+            if header["op"] == "drop":
+                self.drop_bank(header["bank"])
+            else:
+                spec = BankSpec(**header["spec"])
+                self.add(header["bank"], spec, *tensors, header["oldest"])
+        except (InvalidArgument, KeyError, TypeError, ValueError, RuntimeError) as e:
+            log.warning("shard %d skipped a log record it cannot apply: %s", self.index, e)
+        finally:
+            self.wal = wal

@@ -144,8 +144,8 @@ def test_partial_answer_leaves_out_the_missing_shard():
 
     queries = torch.randn(1, 4, 1, 8)
     with pytest.raises(Unavailable):
-        sharded_search(call, 3, ["k"], [0], spec, queries, 5)
-    result: CompactResult = sharded_search(call, 3, ["k"], [0], spec, queries, 5, True)
+        sharded_search(call, 3, ["k"], [(0, 30)], spec, queries, 5)
+    result: CompactResult = sharded_search(call, 3, ["k"], [(0, 30)], spec, queries, 5, True)
     assert result.missing_shards == (1,)
     assert not bool((result.chunk_ids % 3 == 1).any())
     scores = queries[0, :, 0] @ keys[:, 0, 0].half().float().T  # (4, 30)
