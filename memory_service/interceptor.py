@@ -68,10 +68,13 @@ class _Call:
 
     def finish(self, error: BaseException | None) -> None:
         code = self.context.code()
-        if code is None:
-            code = {None: grpc.StatusCode.OK, GeneratorExit: grpc.StatusCode.CANCELLED}.get(
-                type(error), grpc.StatusCode.UNKNOWN
-            )
+        if code is None:  # not set by an abort
+            if error is None:
+                code = grpc.StatusCode.OK
+            elif isinstance(error, GeneratorExit):  # the client went away mid-stream
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = grpc.StatusCode.UNKNOWN
         metrics.observe_call(
             self.method,
             metrics.TENANT.get(),

@@ -1,0 +1,218 @@
+"""Security and operations, for real (local Ray, gRPC on 127.0.0.1): TLS with client
+certificates, hashed API keys, unparsable requests, the per-tenant search bound, the
+Prometheus endpoint and JSON logs that never hold a key."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import urllib.request
+from contextlib import redirect_stdout
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
+
+from memory_service import logs
+from memory_service.cli import main
+from memory_service.client import MemoryClient
+from memory_service.errors import InvalidArgument, Unauthenticated, Unavailable
+from memory_service.service import start_service
+from memory_service.tenancy import Tenant, TenantTable, hash_key
+from memory_service.tls import ClientTLS, ServerTLS, client_tls
+from protos.longmem.v1 import memory_pb2 as pb
+from tests.tls_certs import make_certs
+
+KEY, OTHER_KEY = "lm-alice-0123456789abcdef", "lm-bob-0123456789abcdef"
+TENANTS = TenantTable(
+    [Tenant("alice", (hash_key(KEY),)), Tenant("bob", (hash_key(OTHER_KEY),))]
+)
+
+
+class Lines(logging.Handler):
+    """Every `longmem` log record, formatted as the service writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logs.JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def log_lines():
+    handler, logger = Lines(), logging.getLogger("longmem")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, certs, log_lines):
+    """One shard behind mutual TLS, two tenants with hashed keys, metrics on a free port."""
+    tls = ServerTLS(str(certs / "server.pem"), str(certs / "server.key"), str(certs / "ca.pem"))
+    s = start_service(shards=1, tenants=TENANTS, tls=tls, metrics_port=0, name="secure")
+    yield s
+    s.stop()
+
+
+def client(service, certs, key=KEY, **kw) -> MemoryClient:
+    tls = ClientTLS(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
+    return MemoryClient(service.address, key, tls=tls, **kw)
+
+
+def test_tls_round_trip_with_client_certificate(service, certs):
+    c = client(service, certs)
+    c.create_bank("tls-bank", kv_heads=3, head_dim=64, capacity_tokens=4096)
+    keys = torch.randn(400, 3, 64, generator=torch.Generator().manual_seed(0))
+    c.append("tls-bank", keys, keys + 1)
+    found = c.search(["tls-bank"], keys[-4:].repeat_interleave(3, dim=1)[None], top_k=4)
+    assert found.valid.all() and int(found.chunk_ids[0, -1, 0, 0]) == 99
+    c.delete_bank("tls-bank")
+    c.close()
+
+
+def test_tls_refuses_plaintext_and_clients_without_a_certificate(service, certs):
+    plain = MemoryClient(service.address, KEY, timeout=5, retries=0)
+    no_cert = MemoryClient(service.address, KEY, tls=ClientTLS(str(certs / "ca.pem")), timeout=5,
+                           retries=0)
+    for c in (plain, no_cert):
+        with pytest.raises(Unavailable):
+            c.list_banks()
+        c.close()
+
+
+def test_tls_flags():
+    assert client_tls(None, None, None) is None
+    with pytest.raises(InvalidArgument, match="both --tls-cert and --tls-key"):
+        client_tls("ca.pem", "me.pem", None)
+    with pytest.raises(InvalidArgument, match="cannot read TLS CA"):
+        ClientTLS("/nonexistent/ca.pem").credentials()
+
+
+def test_hashed_and_plain_keys(tmp_path, caplog):
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        f"tenants:\n  - name: a\n    api_keys: ['{hash_key('secret-a')}']\n"
+        "  - name: b\n    api_keys: ['plain-b']\n    max_concurrent_searches: 2\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="longmem"):
+        table = TenantTable.load(path)
+    assert table.authenticate("secret-a").name == "a"
+    assert table.authenticate("plain-b").max_concurrent_searches == 2
+    with pytest.raises(Unauthenticated):
+        table.authenticate(hash_key("secret-a"))  # the stored hash is not a key
+    (warning,) = [r for r in caplog.records if "plain API keys" in r.getMessage()]
+    assert warning.tenant == "b" and "plain-b" not in caplog.text
+
+
+def test_keygen_prints_a_key_and_its_hash():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["keygen"]) == 0
+    fields = dict(line.split(": ", 1) for line in out.getvalue().splitlines())
+    key, digest = fields["key"].strip(), fields["hash"].strip()
+    assert len(key) > 40 and digest == hash_key(key)
+    assert TenantTable([Tenant("t", (digest,))]).authenticate(key).name == "t"
+
+
+def test_unparsable_bytes_get_invalid_argument(service, certs):
+    tls = ClientTLS(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
+    channel = grpc.secure_channel(service.address, tls.credentials())
+    garbage = b"\xff\xff\xff\xff\x0f\x12"
+    methods = [
+        (f"/longmem.v1.MemoryService/{m.name}", m.server_streaming, m.input_type.full_name)
+        for m in pb.DESCRIPTOR.services_by_name["MemoryService"].methods
+    ] + [("/grpc.health.v1.Health/Check", False, "grpc.health.v1.HealthCheckRequest")]
+    for path, streaming, message in methods:
+        kind = channel.unary_stream if streaming else channel.unary_unary
+        call = kind(path, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            answer = call(garbage, metadata=(("x-api-key", KEY),), timeout=10)
+            list(answer) if streaming else answer
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, err.value.details())
+        assert f"do not parse as {message}" in err.value.details()
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # still serving
+    channel.close()
+
+
+def scrape(service) -> dict[tuple[str, tuple], float]:
+    url = f"http://127.0.0.1:{service.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_endpoint(service, certs):
+    c = client(service, certs)
+    c.create_bank("metered", kv_heads=3, head_dim=64, capacity_tokens=4096)
+    keys = torch.randn(800, 3, 64, generator=torch.Generator().manual_seed(1))
+    c.append("metered", keys, keys)
+    before = scrape(service)
+    for _ in range(3):
+        c.search(["metered"], keys[:5].repeat_interleave(3, dim=1)[None], top_k=8)
+    with pytest.raises(Exception):  # noqa: B017  (NotFound: an error, counted as one)
+        c.describe_bank("missing")
+    service._stop.wait(6)  # the bank gauges refresh every 5 s
+    after = scrape(service)
+    search = (("method", "Search"), ("tenant", "alice"))
+    ok = ("longmem_requests_total", (("code", "OK"), *search))
+    assert after[ok] - before.get(ok, 0) == 3
+    assert after[("longmem_request_seconds_count", search)] >= 3
+    assert after[("longmem_response_bytes_total", search)] > before.get(
+        ("longmem_response_bytes_total", search), 0
+    )
+    append = (("method", "Append"), ("tenant", "alice"))
+    assert after[("longmem_request_bytes_total", append)] >= 2 * keys.numel() * 2  # float16
+    missing = (("code", "NOT_FOUND"), ("method", "DescribeBank"), ("tenant", "alice"))
+    assert after[("longmem_requests_total", missing)] >= 1
+    assert after[("longmem_bank_tokens", (("tenant", "alice"),))] == 800
+    assert after[("longmem_bank_bytes", (("tenant", "alice"),))] > 0
+    assert after[("longmem_banks", (("tenant", "bob"),))] == 0
+    assert after[("longmem_shard_up", (("shard", "0"),))] == 1
+    assert after[("longmem_shard_restarts_total", (("shard", "0"),))] == 0
+    assert ("process_resident_memory_bytes", ()) in after
+    c.delete_bank("metered")
+    c.close()
+
+
+def test_logs_are_json_lines_naming_tenant_and_bank_never_a_key(service, certs, log_lines):
+    c = client(service, certs)
+    c.create_bank("logged", kv_heads=1, head_dim=8, capacity_tokens=64)
+    with pytest.raises(InvalidArgument):
+        c.append("logged", torch.zeros(4, 2, 8), torch.zeros(4, 2, 8))
+    wrong = client(service, certs, key="lm-wrong-key-0123456789")
+    with pytest.raises(Unauthenticated):
+        wrong.create_bank("x", kv_heads=1, head_dim=8)
+    c.delete_bank("logged")
+    c.close(), wrong.close()
+    events = [json.loads(line) for line in log_lines]  # every line is one JSON object
+    assert {"tenant": "alice", "bank": "logged", "event": "bank created"}.items() <= next(
+        e for e in events if e["event"] == "bank created" and e.get("bank") == "logged"
+    ).items()
+    refused = [e for e in events if e["event"] == "request refused"]
+    assert any(e["tenant"] == "alice" and e["code"] == "INVALID_ARGUMENT" for e in refused)
+    assert any(e["tenant"] == "-" and e["code"] == "UNAUTHENTICATED" for e in refused)
+    text = "\n".join(log_lines)
+    for secret in (KEY, OTHER_KEY, "lm-wrong-key-0123456789", hash_key(KEY)):
+        assert secret not in text
