@@ -1,5 +1,6 @@
 """The service on a several-node Ray cluster (`ray.cluster_utils.Cluster`, one machine):
-shards spread over nodes, a node lost mid-run, its shard back from its snapshot."""
+shards spread over nodes, a node lost mid-run, its shard back from its snapshot (without a
+log: what came after the snapshot is lost) or from its snapshot and write-ahead log."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_node_loss_restores_the_shard_from_its_snapshot(cluster, tmp_path):
     from memory_service.service import start_service
 
     c, workers = cluster
-    service = start_service(shards=SHARDS, snapshot_dir=str(tmp_path), snapshot_every_s=0)
+    service = start_service(
+        shards=SHARDS, snapshot_dir=str(tmp_path), snapshot_every_s=0, durability="none"
+    )
     client = MemoryClient(service.address, retries=0)
     try:
         shard_map = client.shard_map()
@@ -123,6 +126,61 @@ def test_node_loss_restores_the_shard_from_its_snapshot(cluster, tmp_path):
         assert "OK" in outcomes[restored_at:], "no search succeeded after the restart"
         r = client.search(["b"], queries, 8)  # lost chunks are never served
         assert torch.equal(r.chunk_ids[0], after)
+    finally:
+        client.close()
+        service.stop()
+
+
+def test_node_loss_with_a_log_loses_nothing_acknowledged(cluster, tmp_path):
+    """Durability `group` (the default): the shard of a removed node comes back on another
+    node with everything acknowledged, replayed from its log after the snapshot."""
+    from memory_service.service import start_service
+
+    c, _ = cluster
+    extra = c.add_node(num_cpus=1)  # the first test removed a node
+    c.wait_for_nodes()
+    service = start_service(shards=2, snapshot_dir=str(tmp_path), name="logged")
+    client = MemoryClient(service.address, retries=0)
+    try:
+        g = torch.Generator().manual_seed(1)
+        keys = torch.randn(TOKENS + LATE, 1, 16, generator=g)
+        client.create_bank("b", kv_heads=1, head_dim=16, chunk_size=1, capacity_tokens=4096)
+        client.append("b", keys[:TOKENS], keys[:TOKENS])
+        client.snapshot()
+        for part in keys[TOKENS:].split(7):  # after the snapshot: only in the logs
+            client.append("b", part, part)
+        queries = torch.randn(1, 8, 2, 16, generator=g)
+        full = reference(keys, queries, set(), 8)
+        head = ray.get_runtime_context().get_node_id()
+        shard_map = client.shard_map()
+        victim = next((s for s in shard_map if s.node_id == extra.node_id), None)
+        victim = victim or next(s for s in shard_map if s.node_id != head)
+        node = next(n for n in c.list_all_nodes() if n.node_id == victim.node_id)
+        c.remove_node(node)
+
+        deadline = time.monotonic() + 60
+        info = None
+        while time.monotonic() < deadline and info is None:
+            try:
+                shard = client.shard_map()[victim.index]
+                if shard.available and shard.restored_from_snapshot:
+                    info = client.describe_bank("b")
+            except Unavailable:
+                pass
+            time.sleep(0.5)
+        assert info is not None, "the shard did not come back within 60 s"
+        assert shard.node_id != victim.node_id
+        assert info.lost_chunks == 0 and info.chunks == TOKENS + LATE
+        deadline = time.monotonic() + 30  # until the health check sees the shard back
+        while True:
+            try:
+                r = client.search(["b"], queries, 8)
+                break
+            except Unavailable:
+                assert time.monotonic() < deadline, "searches still fail 30 s after the restart"
+                time.sleep(0.2)
+        assert torch.equal(r.chunk_ids[0], full)
+        assert torch.equal(r.keys[0], keys[full, 0].half())
     finally:
         client.close()
         service.stop()
