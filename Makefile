@@ -35,6 +35,7 @@ bench: setup
 	$(PY) benchmarks/bench_shards.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_durability.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
