@@ -20,6 +20,7 @@ from memory_service import logs
 from memory_service.errors import ServiceError
 from memory_service.tenancy import TenantTable, new_key
 from memory_service.tls import server_tls
+from memory_service.wal import DEFAULT_DURABILITY, DURABILITY
 from memory_service.wire import MAX_MESSAGE_BYTES
 
 
@@ -40,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         placement=args.placement,
         snapshot_dir=args.snapshot_dir,
         snapshot_every_s=args.snapshot_every,
+        durability=args.durability,
         allow_partial=args.allow_partial,
         name=args.name,
         shard_endpoints=args.shard_endpoints,
@@ -165,6 +167,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=300.0,
         help="seconds between automatic snapshots with --snapshot-dir (0: only on demand "
         "and at shutdown; default 300)",
+    )
+    serve.add_argument(
+        "--durability",
+        choices=DURABILITY,
+        default=DEFAULT_DURABILITY,
+        help="with --snapshot-dir, a write-ahead log there makes every acknowledged append "
+        "survive a crash: 'group' (default) shares an fsync among appends arriving within "
+        "a few ms, 'fsync' syncs each append, 'none' keeps no log (appends after the last "
+        "snapshot are lost with their shard)",
     )
     serve.add_argument(
         "--allow-partial",
