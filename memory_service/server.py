@@ -6,9 +6,12 @@ message; the engine's state is unchanged by it and the server keeps serving. Eve
 passes `interceptor.FrontDoor` (request parsing, metrics); the bank events and refusals
 are logged as JSON lines (`memory_service.logs`) naming tenant and bank, never a key.
 
-A tenant runs at most `max_concurrent_searches` searches at once on a server; one more is
-refused with RESOURCE_EXHAUSTED and the trailing metadata `retry-after-ms`, which
-`MemoryClient` honours, so a tenant that floods the service cannot starve the others.
+A tenant runs at most `max_concurrent_searches` searches at once on a server (the shards
+run one bank call at a time, so this bounds how long another tenant's search queues
+behind its searches); up to `MAX_WAITING_SEARCHES` more wait their turn, and beyond that
+a search is refused with RESOURCE_EXHAUSTED and the trailing metadata `retry-after-ms`,
+which `MemoryClient` honours. A waiting search holds a thread but no CPU, so a tenant that
+floods the service cannot starve the others.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ log = logging.getLogger("longmem.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
 RETRY_AFTER = "retry-after-ms"  # trailing metadata of a refusal worth retrying shortly
 BUSY_RETRY_MS = 50
+MAX_WAITING_SEARCHES = 8  # per tenant, beyond its running ones
+MAX_WAIT_S = 30.0  # the longest a search waits for its turn (less when its deadline is closer)
 
 
 class Busy(ResourceExhausted):
@@ -56,26 +61,39 @@ class Busy(ResourceExhausted):
 
 
 class SearchSlots:
-    """Searches running per tenant, each bounded by its `max_concurrent_searches`."""
+    """Searches running per tenant, each bounded by its `max_concurrent_searches`, and the
+    searches waiting for a turn, at most `MAX_WAITING_SEARCHES` per tenant."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._turn = threading.Condition()
         self._running: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
 
     @contextmanager
-    def slot(self, tenant: Tenant) -> Iterator[None]:
-        with self._lock:
-            if self._running[tenant.name] >= tenant.max_concurrent_searches:
+    def slot(self, tenant: Tenant, wait_s: float) -> Iterator[None]:
+        """Run the body as one of `tenant`'s searches, after waiting up to `wait_s` for a
+        turn; Busy when too many wait already or the turn does not come in time."""
+        name, limit = tenant.name, tenant.max_concurrent_searches
+        with self._turn:
+            if self._running[name] >= limit and self._waiting[name] >= MAX_WAITING_SEARCHES:
                 raise Busy(
-                    f"tenant {tenant.name!r} already runs {tenant.max_concurrent_searches} "
-                    "searches (its max_concurrent_searches); retry when one has finished"
+                    f"tenant {name!r} already runs {limit} searches (its "
+                    f"max_concurrent_searches) and {MAX_WAITING_SEARCHES} more wait; retry later"
                 )
-            self._running[tenant.name] += 1
+            self._waiting[name] += 1
+            try:
+                turn = self._turn.wait_for(lambda: self._running[name] < limit, wait_s)
+            finally:
+                self._waiting[name] -= 1
+            if not turn:
+                raise Busy(f"tenant {name!r}: no turn among its {limit} searches in {wait_s:.1f} s")
+            self._running[name] += 1
         try:
             yield
         finally:
-            with self._lock:
-                self._running[tenant.name] -= 1
+            with self._turn:
+                self._running[name] -= 1
+                self._turn.notify_all()
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
@@ -103,8 +121,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             yield tenant
         except ServiceError as e:
             fields = {"method": method, "tenant": tenant_name, "bank": bank, "code": e.code}
-            log.info("request refused", extra=fields | {"reason": e.message})
-            if isinstance(e, Busy):
+            fields["reason"] = e.message
+            busy = isinstance(e, Busy)  # may come in floods: logged at debug level
+            (log.debug if busy else log.info)("request refused", extra=fields)
+            if busy:
                 context.set_trailing_metadata(((RETRY_AFTER, str(BUSY_RETRY_MS)),))
             context.abort(getattr(grpc.StatusCode, e.code), e.message)
         except Exception:  # a bug, not the caller's fault: log it, keep serving
@@ -151,7 +171,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def Search(self, request, context):
         banks = list(request.banks)
         bank = ",".join(dict.fromkeys(banks))
-        with self._answer(context, "Search", False, bank) as t, self.searches.slot(t):
+        wait_s = min(MAX_WAIT_S, context.time_remaining() or MAX_WAIT_S)
+        with self._answer(context, "Search", False, bank) as t, self.searches.slot(t, wait_s):
             queries = decode(request.queries, "queries")
             yield from search_messages(self.engine.search(t, banks, queries, request.top_k))
 
@@ -180,7 +201,7 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    workers: int = 32,
+    workers: int = 64,
     tls: ServerTLS | None = None,
 ) -> tuple[grpc.Server, str]:
     """Start serving on host:port (0 picks a free port), with TLS when `tls` is given;

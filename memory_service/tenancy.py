@@ -7,7 +7,7 @@ Format (YAML or JSON):
         api_keys: ["sha256:9f86d0...", "k-456"]   # hashes (`longmem keygen`) or plain keys
         max_banks: 64             # optional quota, default unlimited
         max_tokens: 100000000     # optional: sum of the capacities of the tenant's banks
-        max_concurrent_searches: 4  # optional, default 4: more at once get RESOURCE_EXHAUSTED
+        max_concurrent_searches: 1  # optional, default 1: more wait their turn (see server.py)
         read_only: false          # optional: true refuses create/delete/reset/append
 
 A key is stored as `sha256:<hex digest of the key>`; `longmem keygen` prints a new random
@@ -40,7 +40,7 @@ log = logging.getLogger("longmem.tenancy")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HASHED_KEY = re.compile(r"^sha256:[0-9a-f]{64}$")
 DEFAULT_API_KEY = "local-dev-key"
-DEFAULT_MAX_CONCURRENT_SEARCHES = 4
+DEFAULT_MAX_CONCURRENT_SEARCHES = 1
 
 
 def hash_key(api_key: str) -> str:

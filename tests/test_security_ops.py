@@ -7,6 +7,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import statistics
+import subprocess
+import sys
+import time
 import urllib.request
 from contextlib import redirect_stdout
 
@@ -27,9 +31,40 @@ from protos.longmem.v1 import memory_pb2 as pb
 from tests.tls_certs import make_certs
 
 KEY, OTHER_KEY = "lm-alice-0123456789abcdef", "lm-bob-0123456789abcdef"
-TENANTS = TenantTable(
-    [Tenant("alice", (hash_key(KEY),)), Tenant("bob", (hash_key(OTHER_KEY),))]
+QUIET, NOISY = "lm-quiet-0123456789abcdef", "lm-noisy-0123456789abcdef"
+TENANTS = TenantTable(  # every tenant at the default max_concurrent_searches
+    [
+        Tenant("alice", (hash_key(KEY),)),
+        Tenant("bob", (hash_key(OTHER_KEY),)),
+        Tenant("quiet", (hash_key(QUIET),)),
+        Tenant("noisy", (hash_key(NOISY),)),
+    ]
 )
+# The noisy tenant: THREADS clients searching back to back while told "go" on stdin.
+NOISY_CLIENTS = """
+import sys, threading, torch
+from memory_service.client import MemoryClient
+from memory_service.errors import ServiceError
+from memory_service.tls import ClientTLS
+address, key, certs, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+go, stop = threading.Event(), threading.Event()
+def work():
+    tls = ClientTLS(f"{certs}/ca.pem", f"{certs}/client.pem", f"{certs}/client.key")
+    client, queries = MemoryClient(address, key, tls=tls), torch.randn(1, 8, 9, 64)
+    while not stop.is_set():
+        if go.wait(0.05):
+            try:
+                client.search(["noisy"], queries, top_k=8)
+            except ServiceError:
+                pass
+workers = [threading.Thread(target=work) for _ in range(threads)]
+for w in workers:
+    w.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    {"go": go.set, "pause": go.clear}.get(line.strip(), stop.set)()
+stop.set()
+"""
 
 
 class Lines(logging.Handler):
@@ -216,3 +251,47 @@ def test_logs_are_json_lines_naming_tenant_and_bank_never_a_key(service, certs, 
     text = "\n".join(log_lines)
     for secret in (KEY, OTHER_KEY, "lm-wrong-key-0123456789", hash_key(KEY)):
         assert secret not in text
+
+
+def test_a_noisy_tenant_does_not_starve_a_quiet_one(service, certs):
+    """16 noisy clients search back to back; the quiet tenant's p99 search latency stays
+    within 2x of its p99 with the noisy ones paused (median over 3 rounds, each phase
+    bounded to 60 searches or 3 s)."""
+    for key, bank in ((QUIET, "quiet"), (NOISY, "noisy")):
+        c = client(service, certs, key)
+        c.create_bank(bank, kv_heads=3, head_dim=64, capacity_tokens=4096)
+        keys = torch.randn(4096, 3, 64, generator=torch.Generator().manual_seed(2))
+        c.append(bank, keys, keys)
+        c.close()
+    noisy = subprocess.Popen(
+        [sys.executable, "-c", NOISY_CLIENTS, service.address, NOISY, str(certs), "16"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    quiet, queries = client(service, certs, QUIET), torch.randn(1, 8, 9, 64)
+
+    def p99() -> float:
+        times, end = [], time.monotonic() + 3.0
+        while len(times) < 60 and (len(times) < 20 or time.monotonic() < end):
+            t = time.perf_counter()
+            quiet.search(["quiet"], queries, top_k=8)
+            times.append(time.perf_counter() - t)
+        return sorted(times)[int(0.99 * (len(times) - 1))]
+
+    def tell(command: str) -> None:
+        noisy.stdin.write(command + "\n")
+        noisy.stdin.flush()
+        time.sleep(0.3)
+
+    try:
+        assert noisy.stdout.readline().strip() == "ready"
+        p99()  # warm-up
+        ratios = []
+        for _ in range(3):
+            unloaded = p99()
+            tell("go")
+            ratios.append(p99() / unloaded)
+            tell("pause")
+        assert statistics.median(ratios) < 2.0, ratios
+    finally:
+        noisy.communicate("stop\n", timeout=60)
+        quiet.close()
