@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 PORT = 50051
+METRICS_PORT = 9090
 SNAPSHOT_DIR = "/mnt/longmem-snapshots"
 TENANTS_PATH = "/etc/longmem/tenants.yaml"
 
@@ -341,7 +342,10 @@ def test_port_agrees_across_service_container_and_command():
     assert PORT in ports.values()
     port_name = next(n for n, p in ports.items() if p == PORT)
     assert len(port_name) <= 15
-    assert container["readinessProbe"]["grpc"]["port"] == PORT  # grpc.health.v1
+    # kubelet's gRPC probe speaks no TLS: ready once the metrics endpoint (started after
+    # the gRPC server) answers
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/metrics" and ports[probe["port"]] == METRICS_PORT
     service = one("Service")
     (svc_port,) = service["spec"]["ports"]
     assert svc_port["port"] == PORT
@@ -429,8 +433,10 @@ def test_tenant_secret_is_a_valid_tenant_file_mounted_where_serve_reads_it(tmp_p
     table = load_tenants(secret["stringData"]["tenants.yaml"], tmp_path)
     assert table.tenants
     pod = raycluster()["spec"]["headGroupSpec"]["template"]["spec"]
-    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName")]
-    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    (volume,) = [
+        v for v in pod["volumes"]
+        if v.get("secret", {}).get("secretName") == secret["metadata"]["name"]
+    ]
     (mount,) = [m for m in head_container()["volumeMounts"] if m["name"] == volume["name"]]
     items = {i["key"]: i["path"] for i in volume["secret"].get("items", [])}
     file_name = items.get("tenants.yaml", "tenants.yaml")
@@ -475,3 +481,43 @@ def test_readme_sizing_matches_the_bank(kv_heads, head_dim, expected):
     for gib in (24, 80):
         tokens = math.floor(0.8 * gib * 2**30 / spec.bytes_per_token)
         assert f"{tokens:,}" in row, (gib, row)
+
+
+# ---------------------------------------------------------------- TLS and metrics
+
+
+def test_head_serves_tls_from_the_mounted_secret():
+    serve = parse_serve(k8s_serve())
+    assert serve.tls_cert and serve.tls_key
+    pod = raycluster()["spec"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path, key in ((serve.tls_cert, "tls.crt"), (serve.tls_key, "tls.key")):
+        folder, name = path.rsplit("/", 1)
+        assert name == key  # the keys of a kubernetes.io/tls Secret
+        (mount,) = [m for m in head_container()["volumeMounts"] if m["mountPath"] == folder]
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["secret"]["secretName"] == "longmem-tls"
+    readme = (DEPLOY / "README.md").read_text()
+    assert "create secret tls longmem-tls" in readme
+    service = one("Service")
+    assert "h2c" not in str(service["spec"]["ports"])  # not plaintext HTTP/2 any more
+
+
+def test_metrics_are_served_and_annotated_for_prometheus():
+    serve = parse_serve(k8s_serve())
+    assert serve.metrics_port == METRICS_PORT
+    template = raycluster()["spec"]["headGroupSpec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    ports = {p["containerPort"] for p in head_container()["ports"]}
+    assert METRICS_PORT in ports
+
+
+def test_example_tenant_files_ask_for_key_hashes():
+    for text in (
+        one("Secret")["stringData"]["tenants.yaml"],
+        (DEPLOY / "tenants.example.yaml").read_text(),
+    ):
+        assert "hash" in text
