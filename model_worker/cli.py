@@ -17,6 +17,7 @@ from pathlib import Path
 from memory_service import cli as service_cli
 from memory_service.bank import BankSpec
 from memory_service.tenancy import DEFAULT_API_KEY
+from memory_service.tls import add_client_args
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import SEGMENT_LEN, MemoryConfig
 from model_worker.sidenet import SideNetConfig
@@ -40,6 +41,7 @@ def _config(cls, args: argparse.Namespace):
     kw = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
     kw["memory"] = MemoryConfig(
         address=args.memory, api_key=args.api_key, shards=args.shards,
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         capacity_tokens=args.memory_tokens,
     )
     if "sidenet" in {f.name for f in fields(cls)} and hasattr(args, "k"):
@@ -59,6 +61,7 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
         "--api-key", default=os.environ.get("LONGMEM_API_KEY", DEFAULT_API_KEY),
         help="tenant API key (default $LONGMEM_API_KEY or the embedded default)",
     )
+    add_client_args(p)
     p.add_argument("--shards", type=int, default=2, help="shards of the embedded service")
     p.add_argument(
         "--memory-tokens", type=int, default=BankSpec.capacity_tokens, help="bank capacity"

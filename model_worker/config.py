@@ -20,5 +20,8 @@ class MemoryConfig:
 
     address: str | None = None  # HOST:PORT of a running service; None: start an embedded one
     api_key: str = DEFAULT_API_KEY
+    tls_ca: str | None = None  # TLS: the CA to trust (PEM); and a client certificate, key
+    tls_cert: str | None = None
+    tls_key: str | None = None
     shards: int = 2  # shards of the embedded service
     capacity_tokens: int = BankSpec.capacity_tokens  # per bank (stream, document)

@@ -109,7 +109,7 @@ def generate(cfg: GenerateConfig, on_text=print) -> str:
     """Load the model, read `cfg.document` into `cfg.bank` (or use the bank as it is), and
     generate; each new piece of text goes to `on_text` as it comes. Returns the whole text."""
     if cfg.memory.address is not None:  # fail early, before loading the model
-        connect(cfg.memory.address, cfg.memory.api_key).close()
+        connect(cfg.memory.address, cfg.memory).close()
     model, tokenizer = load_model(cfg.backbone, cfg.checkpoint, None, default_device(cfg.device))
     model.eval()
     doc = read_document(cfg.document, tokenizer) if cfg.document else None

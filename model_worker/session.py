@@ -20,6 +20,7 @@ import torch
 
 from memory_service import errors
 from memory_service.client import MemoryClient
+from memory_service.tls import client_tls
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import MemoryConfig
 from model_worker.data import windows
@@ -99,10 +100,11 @@ class TimedMemory:
         return timed
 
 
-def connect(address: str, api_key: str) -> MemoryClient:
+def connect(address: str, cfg: MemoryConfig) -> MemoryClient:
     """A client of the service at `address`, checked: unreachable or refused keys fail here
     with a line saying what to do."""
-    client = MemoryClient(address, api_key=api_key, timeout=60.0, retries=2)
+    tls = client_tls(cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+    client = MemoryClient(address, api_key=cfg.api_key, timeout=60.0, retries=2, tls=tls)
     try:
         client.list_banks()
     except errors.Unavailable as e:
@@ -141,7 +143,7 @@ def memory_session(cfg: MemoryConfig) -> Iterator[MemoryClient]:
     """A connected client of `cfg.address` or of an embedded service; closed on exit. A
     given address is checked before anything starts."""
     with service_address(cfg) as address:
-        client = connect(address, cfg.api_key)
+        client = connect(address, cfg)
         try:
             yield client
         finally:

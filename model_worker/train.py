@@ -161,7 +161,7 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         if start >= cfg.steps:
             raise ValueError(f"checkpoint {out} is already at step {start}; raise --steps")
 
-    memory = TimedMemory(connect(address, cfg.memory.api_key))
+    memory = TimedMemory(connect(address, cfg.memory))
     banks = [f"{cfg.bank_prefix}-w{rank}-s{b}" for b in range(cfg.batch_size)]
     for b, bank in enumerate(banks):
         open_bank(memory, model, bank, cfg.memory.capacity_tokens)
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.workers < 1:
         raise ValueError("--steps, --grad-accum, --batch-size and --workers must be at least 1")
     if cfg.memory.address is not None:  # fail early, before Ray starts
-        connect(cfg.memory.address, cfg.memory.api_key).close()
+        connect(cfg.memory.address, cfg.memory).close()
     with service_address(cfg.memory) as address:
         if cfg.workers == 1:
             return train_worker(cfg, address)
