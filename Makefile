@@ -36,6 +36,8 @@ bench: setup
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_durability.py
+	$(PY) benchmarks/bench_fuzz.py
+	$(PY) benchmarks/bench_load.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

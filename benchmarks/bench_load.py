@@ -2,12 +2,13 @@
 `longmem serve` on 127.0.0.1 (2 shards), after a warm-up: errors, p50/p99 latency per
 method, and the resident memory of the server and its actors at the start and the end.
 
-Each client has its own bank (16,384 tokens, so appends wrap around it and evict) and, in
-a loop: append 64 tokens (30%), search 16 queries x 9 heads for the top 16 chunks (50%),
-describe its bank (10%), list its tenant's banks (10%). The clients are spread over 4
-tenants and run as threads in 4 processes. Targets: 0 errors, memory growth under 5%.
+Each client has its own bank of 4,096 tokens, filled before the load starts (so its memory
+is all in use, and appends wrap around it and evict) and, in a loop: append 64 tokens
+(30%), search 16 queries x 9 heads for the top 16 chunks (50%), describe its bank (10%),
+list its tenant's banks (10%). The clients are spread over 4 tenants and run as threads
+in 4 processes. Targets: 0 errors, memory growth under 5%.
 
-    python benchmarks/bench_load.py [--clients 32] [--seconds 60] [--warmup 15]
+    python benchmarks/bench_load.py [--clients 32] [--seconds 60] [--warmup 30]
 
 Prints a table and writes benchmarks/results/load.json.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from served import rss_mib, served
 
 TENANTS = 4
+CAPACITY = 4096  # tokens per client's bank
 PROCESSES = 4
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,8 +59,8 @@ def client_loop(address: str, index: int, start: float, warm_until: float, end: 
     client = MemoryClient(address, key(index % TENANTS))
     bank, rng = f"c{index}", random.Random(index)
     g = torch.Generator().manual_seed(index)
-    client.create_bank(bank, kv_heads=3, head_dim=64, capacity_tokens=16384)
-    keys = torch.randn(64, 3, 64, generator=g)
+    client.create_bank(bank, kv_heads=3, head_dim=64, capacity_tokens=CAPACITY)
+    keys = torch.randn(CAPACITY, 3, 64, generator=g)
     client.append(bank, keys, keys)
     queries = torch.randn(1, 16, 9, 64, generator=g)
     time.sleep(max(0.0, start - time.time()))
@@ -106,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--warmup", type=float, default=15, help="seconds of load not measured")
+    ap.add_argument("--warmup", type=float, default=30, help="seconds of load not measured")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     with served(tenant_file(args.clients)) as (address, pid):

@@ -95,7 +95,7 @@ class Service:
             gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) >= n_shards else 0.0
         self.snapshot_dir = snapshot_dir
         self.server, self.address = None, ""
-        self.metrics_server = None
+        self.metrics_server, self.metrics_port = None, None
         bundle = {"GPU": gpus_per_shard} if gpus_per_shard else {"memory": SHARD_MEMORY}
         self.placement_group = placement_group([bundle] * n_shards, strategy=placement.upper())
         try:
