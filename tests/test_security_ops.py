@@ -10,6 +10,7 @@ import logging
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import redirect_stdout
@@ -24,9 +25,10 @@ from memory_service import logs
 from memory_service.cli import main
 from memory_service.client import MemoryClient
 from memory_service.errors import InvalidArgument, Unauthenticated, Unavailable
+from memory_service.server import MAX_WAITING_SEARCHES, Busy, SearchSlots
 from memory_service.service import start_service
 from memory_service.tenancy import Tenant, TenantTable, hash_key
-from memory_service.tls import ClientTLS, ServerTLS, client_tls
+from memory_service.tls import ClientTLS, ServerTLS, client_tls, server_tls
 from protos.longmem.v1 import memory_pb2 as pb
 from tests.tls_certs import make_certs
 
@@ -131,6 +133,12 @@ def test_tls_refuses_plaintext_and_clients_without_a_certificate(service, certs)
 
 def test_tls_flags():
     assert client_tls(None, None, None) is None
+    assert server_tls(None, None, None) is None
+    assert server_tls("c.pem", "k.pem", "ca.pem") == ServerTLS("c.pem", "k.pem", "ca.pem")
+    with pytest.raises(InvalidArgument, match="both --tls-cert and --tls-key"):
+        server_tls("c.pem", None, None)
+    with pytest.raises(InvalidArgument, match="--tls-client-ca needs"):
+        server_tls(None, None, "ca.pem")
     with pytest.raises(InvalidArgument, match="both --tls-cert and --tls-key"):
         client_tls("ca.pem", "me.pem", None)
     with pytest.raises(InvalidArgument, match="cannot read TLS CA"):
@@ -186,6 +194,37 @@ def test_unparsable_bytes_get_invalid_argument(service, certs):
     )
     assert check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # still serving
     channel.close()
+
+
+def test_search_slots_run_the_limit_queue_a_few_and_refuse_the_rest():
+    slots, tenant = SearchSlots(), Tenant("t", ("k",), max_concurrent_searches=2)
+    release, ran = threading.Event(), []
+
+    def search() -> None:
+        with slots.slot(tenant, 10):
+            release.wait(10)
+        ran.append(1)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=search) for _ in range(2 + MAX_WAITING_SEARCHES)]
+    for t in threads:
+        t.start()
+    until(lambda: slots._running["t"] == 2 and slots._waiting["t"] == MAX_WAITING_SEARCHES)
+    with pytest.raises(Busy, match="max_concurrent_searches"):  # the queue is full
+        with slots.slot(tenant, 10):
+            pass
+    with slots.slot(Tenant("other", ("o",)), 0.1):  # another tenant is not held up
+        with pytest.raises(Busy, match="no turn"):  # its next one waits 0.05 s at most
+            with slots.slot(Tenant("other", ("o",)), 0.05):
+                pass
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(ran) == 2 + MAX_WAITING_SEARCHES
 
 
 def scrape(service) -> dict[tuple[str, tuple], float]:
