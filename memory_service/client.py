@@ -124,15 +124,16 @@ class MemoryClient:
                 )
                 return wire.read_search_stream(answer) if method == "Search" else answer
             except grpc.RpcError as e:
-                busy = _retry_after_s(e) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
-                if not retry or attempt == self.retries:
-                    _raise_as_service_error(e)
-                if busy is not None:
-                    time.sleep(busy * 2**attempt)
+                asked = _retry_after_s(e)  # the tenant has too many searches waiting
+                if asked is not None:
+                    pause = asked * 2**attempt
                 elif e.code() == grpc.StatusCode.UNAVAILABLE:
-                    time.sleep(min(self.backoff_s * 2**attempt, 5.0))
+                    pause = min(self.backoff_s * 2**attempt, 5.0)
                 else:
+                    pause = None
+                if not retry or pause is None or attempt == self.retries:
                     _raise_as_service_error(e)
+                time.sleep(pause)
 
     def create_bank(self, name: str, **spec) -> BankInfo:
         request = pb.CreateBankRequest(name=name, spec=wire.spec_to_wire(BankSpec(**spec)))
