@@ -13,8 +13,9 @@ every hidden state `H_llm[0..L]` (`H_llm[0]` = the input of layer 0, i.e. the em
 the keyword arguments the model passes to each layer (causal or sliding-window mask, rotary
 cos/sin), which the SideNet reuses so each copied layer sees exactly what its source layer
 saw, and
-the keys/values of the retrieval layer `m` as the projections emit them (for rotary
-models: before the rotary embedding, so memory stays position-free).
+the queries, keys and values of the memory layers as the projections emit them (for rotary
+models: before the rotary embedding, so memory stays position-free). The memory layers'
+keys/values are what reading writes to memory; their queries search it.
 """
 
 from __future__ import annotations
@@ -67,14 +68,14 @@ class Adapter:
     def attn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.NAMES["attn"])
 
-    def kv_modules(self, layer: nn.Module) -> list[nn.Module]:
-        """Modules whose outputs, hooked, give the layer's keys and values."""
+    def qkv_modules(self, layer: nn.Module) -> list[nn.Module]:
+        """Modules whose outputs, hooked, give the layer's queries, keys and values."""
         raise NotImplementedError
 
-    def kv_from_outputs(
-        self, outputs: list[torch.Tensor], n_kv: int, d: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hooked outputs of `kv_modules` -> keys, values, each (B, T, Hkv, D)."""
+    def qkv_from_outputs(
+        self, outputs: list[torch.Tensor], n_q: int, n_kv: int, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hooked outputs of `qkv_modules` -> q (B, T, Hq, D), k and v (B, T, Hkv, D)."""
         raise NotImplementedError
 
     def qkv(
@@ -97,12 +98,12 @@ class LlamaAdapter(Adapter):
     NAMES = {"layers": "layers", "final_norm": "norm", "norm1": "input_layernorm",
              "norm2": "post_attention_layernorm", "attn": "self_attn"}
 
-    def kv_modules(self, layer):
-        return [layer.self_attn.k_proj, layer.self_attn.v_proj]
+    def qkv_modules(self, layer):
+        return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]
 
-    def kv_from_outputs(self, outputs, n_kv, d):
-        k, v = outputs
-        return k.unflatten(-1, (n_kv, d)), v.unflatten(-1, (n_kv, d))
+    def qkv_from_outputs(self, outputs, n_q, n_kv, d):
+        q, k, v = outputs
+        return q.unflatten(-1, (n_q, d)), k.unflatten(-1, (n_kv, d)), v.unflatten(-1, (n_kv, d))
 
     def qkv(self, layer, h, n_q, n_kv, d):
         a = layer.self_attn
@@ -123,12 +124,12 @@ class GPT2Adapter(Adapter):
     NAMES = {"layers": "h", "final_norm": "ln_f", "norm1": "ln_1", "norm2": "ln_2",
              "attn": "attn"}
 
-    def kv_modules(self, layer):
+    def qkv_modules(self, layer):
         return [layer.attn.c_attn]
 
-    def kv_from_outputs(self, outputs, n_kv, d):
-        _, k, v = outputs[0].split(n_kv * d, dim=-1)
-        return k.unflatten(-1, (n_kv, d)), v.unflatten(-1, (n_kv, d))
+    def qkv_from_outputs(self, outputs, n_q, n_kv, d):
+        q, k, v = outputs[0].split(n_q * d, dim=-1)
+        return q.unflatten(-1, (n_q, d)), k.unflatten(-1, (n_kv, d)), v.unflatten(-1, (n_kv, d))
 
     def qkv(self, layer, h, n_q, n_kv, d):
         q, k, v = layer.attn.c_attn(h).split(n_q * d, dim=-1)
@@ -167,8 +168,9 @@ class BackboneOutput:
 
     hidden: list[torch.Tensor]  # L + 1 tensors (B, T, C); hidden[0] = embeddings
     layer_kwargs: list[dict[str, Any]]  # per layer: what the backbone passed (mask, rotary)
-    keys: torch.Tensor  # (B, T, Hkv, D) layer-m keys, un-rotated
-    values: torch.Tensor  # (B, T, Hkv, D) layer-m values
+    queries: torch.Tensor  # (B, T, n_mem * Hq, D) memory layers' queries, un-rotated
+    keys: torch.Tensor  # (B, T, n_mem * Hkv, D) memory layers' keys, un-rotated
+    values: torch.Tensor  # (B, T, n_mem * Hkv, D) memory layers' values
 
 
 class Backbone(nn.Module):
@@ -178,7 +180,7 @@ class Backbone(nn.Module):
     on a parent module; its forward always runs under `torch.no_grad()`.
     """
 
-    def __init__(self, model: PreTrainedModel, retrieval_layer: int):
+    def __init__(self, model: PreTrainedModel, memory_layers: list[int]):
         super().__init__()
         self.adapter = adapter_for(model.config)
         self.model = model.eval().requires_grad_(False)
@@ -187,9 +189,9 @@ class Backbone(nn.Module):
         self.n_heads: int = cfg.num_attention_heads
         self.n_kv_heads: int = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        if not 0 <= retrieval_layer < self.n_layers:
-            raise ValueError(f"retrieval layer {retrieval_layer} not in [0, {self.n_layers})")
-        self.retrieval_layer = retrieval_layer
+        if not memory_layers or not all(0 <= m < self.n_layers for m in memory_layers):
+            raise ValueError(f"memory layers {memory_layers} not in [0, {self.n_layers})")
+        self.memory_layers = list(memory_layers)
 
     def train(self, mode: bool = True) -> Backbone:
         return self  # frozen: always eval
@@ -200,16 +202,16 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> BackboneOutput:
-        """input_ids (B, T) -> hidden states, layer kwargs and layer-m keys/values.
+        """input_ids (B, T) -> hidden states, layer kwargs and the memory layers' q/k/v.
 
         Hooks live only for the duration of this call, so deep copies of the layers
         (the SideNet) never carry them.
         """
         layers = self.adapter.layers(self.model)
-        kv_mods = self.adapter.kv_modules(layers[self.retrieval_layer])
+        qkv_mods = [self.adapter.qkv_modules(layers[m]) for m in self.memory_layers]
         hidden: list[torch.Tensor] = []
         layer_kwargs: list[dict[str, Any]] = []
-        kv: list[torch.Tensor] = [torch.empty(0)] * len(kv_mods)
+        qkv: list[list[torch.Tensor]] = [[torch.empty(0)] * len(mods) for mods in qkv_mods]
 
         def pre_hook(mod, args, kwargs):
             # Normalise to keywords: some models pass the mask etc. positionally.
@@ -230,17 +232,21 @@ class Backbone(nn.Module):
 
         handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
         handles += [layer.register_forward_hook(out_hook) for layer in layers]
-        for i, mod in enumerate(kv_mods):
-            hook = lambda _m, _a, out, i=i: kv.__setitem__(i, out)  # noqa: E731
-            handles.append(mod.register_forward_hook(hook))
+        for j, mods in enumerate(qkv_mods):
+            for i, mod in enumerate(mods):
+                hook = lambda _m, _a, out, j=j, i=i: qkv[j].__setitem__(i, out)  # noqa: E731
+                handles.append(mod.register_forward_hook(hook))
         try:
             self.model.base_model(input_ids=input_ids, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
         assert len(hidden) == self.n_layers + 1, "backbone layers ran an unexpected number of times"
-        keys, values = self.adapter.kv_from_outputs(kv, self.n_kv_heads, self.head_dim)
-        return BackboneOutput(hidden, layer_kwargs, keys, values)
+        shape = (self.n_heads, self.n_kv_heads, self.head_dim)
+        per_layer = [self.adapter.qkv_from_outputs(out, *shape) for out in qkv]
+        # memory layer j holds heads [j * H, (j + 1) * H) of each
+        q, k, v = (torch.cat(x, dim=2) for x in zip(*per_layer, strict=True))
+        return BackboneOutput(hidden, layer_kwargs, q, k, v)
 
     def rotary_at(self, position: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos, sin (D,) of one position for rotary backbones; None for others."""

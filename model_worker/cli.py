@@ -20,7 +20,7 @@ from memory_service.tenancy import DEFAULT_API_KEY
 from memory_service.tls import add_client_args
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import SEGMENT_LEN, MemoryConfig
-from model_worker.sidenet import SideNetConfig
+from model_worker.sidenet import TRAIN_LAYERS, SideNetConfig
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 # Text the shipped weights never saw (from two books held out of their training), for demo
@@ -29,6 +29,14 @@ DEMO_TEXT = Path(__file__).parent / "demo_text"
 
 def _ints(text: str) -> list[int]:
     return [int(x.replace("_", "")) for x in text.split(",") if x]
+
+
+def _band(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    try:
+        return [int(first), int(last or first)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST-LAST layers, got {text!r}") from None
 
 
 def _words(text: str) -> list[str]:
@@ -46,8 +54,8 @@ def _config(cls, args: argparse.Namespace):
     )
     if "sidenet" in {f.name for f in fields(cls)} and hasattr(args, "k"):
         kw["sidenet"] = SideNetConfig(
-            r=args.r, retrieval_layer=args.retrieval_layer, k=args.k, chunk_size=args.chunk_size,
-            train_layers=getattr(args, "train_layers", "memory"),
+            r=args.r, memory_layers=args.memory_layers, k=args.k, chunk_size=args.chunk_size,
+            train_layers=getattr(args, "train_layers", SideNetConfig.train_layers),
         )
     return cls(**kw)
 
@@ -74,7 +82,11 @@ def _add_sidenet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=d.k, help="retrieved tokens per token and head")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="tokens per chunk")
     p.add_argument("--r", type=int, default=d.r, help="SideNet layer reduction factor")
-    p.add_argument("--retrieval-layer", type=int, default=None, help="backbone layer m")
+    p.add_argument(
+        "--memory-layers", type=_band, default=None, metavar="FIRST-LAST",
+        help="backbone layers whose copies use memory (default: 47%%-80%% of the depth, "
+        "14-23 on SmolLM2)",
+    )
 
 
 def _add_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -220,8 +232,9 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bank-prefix", default="train", help="bank names: PREFIX-wRANK-sSTREAM")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
-        "--train-layers", choices=["memory", "all"], default="memory",
-        help="memory: the memory layer and its gates; all: every SideNet layer",
+        "--train-layers", choices=TRAIN_LAYERS, default=SideNetConfig.train_layers,
+        help="gates: the memory layers' per-head gates; memory: those layers too; all: "
+        "every SideNet layer",
     )
     _add_memory(p)
     _add_sidenet(p)

@@ -13,8 +13,10 @@ same window, read on the reading grid (`data.windows`).
   classic repeated filler. The window holds the end of the haystack and the question;
   the key always lies in memory, beyond the window. The answer is the greedy one, scored
   by teacher forcing (greedy decoding yields the key exactly when the argmax at every
-  answer position is the key's next token). Also: how often the key's chunk is among the
-  retrieved ones at the question.
+  answer position is the key's next token). The answer is the key's tokens from its first
+  digit: a tokenizer that writes digits apart (SmolLM2's) puts the space before the key
+  in a token of its own, which says nothing about the key, so it ends the question.
+  Also: how often the key's chunk is among the retrieved ones at the question.
 - ICL: many demonstrations are read into memory; the local window holds a few
   demonstrations and the test input; the label is the label word with the highest
   next-token logit; averaged over seeds (different demonstrations each).
@@ -173,7 +175,7 @@ class PasskeyTrial:
     stream: list[int]  # intro + haystack (key written in) + question + answer
     window_start: int  # a grid segment start: tokens before it are in memory
     key_span: tuple[int, int]  # where the key sentence lies in the stream
-    answer: list[int]  # the key's tokens, the last tokens of the stream
+    answer: list[int]  # the key's tokens from its first digit, the last of the stream
 
 
 def haystack_tokens(tokenizer, kind: str, n: int, prose: list[int]) -> list[int]:
@@ -193,6 +195,8 @@ def passkey_trial(
     intro = encode(tokenizer, INTRO)
     key_ids = encode(tokenizer, KEY.format(key=key))
     answer = encode(tokenizer, " " + key)
+    lead = next(i for i, t in enumerate(answer) if any(c.isdigit() for c in tokenizer.decode([t])))
+    question, answer = encode(tokenizer, QUESTION) + answer[:lead], answer[lead:]
     q = len(intro) + distance  # where the question starts
     window_start = ctx + max(0, (q - ctx) // seg) * seg
     lo, hi = max(len(intro), ctx), window_start - ctx - len(key_ids)
@@ -204,7 +208,7 @@ def passkey_trial(
     depth = rng.randint(lo, hi)
     stream = intro + haystack[:distance]
     stream[depth : depth + len(key_ids)] = key_ids
-    stream += encode(tokenizer, QUESTION) + answer
+    stream += question + answer
     return PasskeyTrial(stream, window_start, (depth, depth + len(key_ids)), answer)
 
 

@@ -17,14 +17,17 @@ layer even with memory on; training opens it head by head (first-order: its grad
 the loss change memory would bring). `bias` shifts a head's memory share; both are the
 "gates", trained with their own learning rate and no weight decay.
 
-Retrieval uses the same rotated query (un-scaled) against the chunks' mean keys. Retrieved
-keys/values are the backbone's own projections, used as stored. Grouped-query attention:
-query head h reads key/value head h // (Hq / Hkv), locally and in the banks.
+Retrieval (in `sidenet.SideNet`, once per step for all memory layers) uses the backbone's
+own query of this layer, rotated the same way, against the chunks' mean keys; here each
+layer attends to its share of what was found with its own query. Retrieved keys/values are
+the backbone's own projections, used as stored. Grouped-query attention: query head h reads
+key/value head h // (Hq / Hkv), locally and in the banks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,9 +35,24 @@ from torch import nn
 
 from model_worker.backbone import Backbone
 from model_worker.memory import SearchResult
-from model_worker.positions import apply_rotary
+from model_worker.positions import MemoryDistance
 
 Retrieve = Callable[[torch.Tensor], SearchResult]
+
+
+@dataclass
+class Retrieved:
+    """One memory layer's share of a search: the pairs found for its query heads."""
+
+    keys: torch.Tensor  # (B, T, Hq, K, D)
+    values: torch.Tensor  # (B, T, Hq, K, D)
+    mask: torch.Tensor  # (B, T, Hq, K) bool: real pairs
+
+    @staticmethod
+    def split(found: SearchResult, n_layers: int) -> list[Retrieved]:
+        """A search with the query heads of n_layers layers side by side -> one per layer."""
+        parts = (x.chunk(n_layers, dim=2) for x in (found.keys, found.values, found.token_mask()))
+        return [Retrieved(*p) for p in zip(*parts, strict=True)]
 
 
 def run_layer(layer: nn.Module, x: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
@@ -107,7 +125,7 @@ class JointAttentionLayer(nn.Module):
     New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0.
     """
 
-    def __init__(self, layer: nn.Module, backbone: Backbone, memory_distance: int):
+    def __init__(self, layer: nn.Module, backbone: Backbone, to_memory: MemoryDistance):
         super().__init__()
         self.layer = layer
         self.adapter = backbone.adapter
@@ -115,50 +133,34 @@ class JointAttentionLayer(nn.Module):
         self.head_dim = backbone.head_dim
         self.scale = nn.Parameter(torch.zeros(self.n_heads))
         self.bias = nn.Parameter(torch.zeros(self.n_heads))
-        # rotary backbones: cos/sin of position `memory_distance`, (D,) each
-        cos_sin = backbone.rotary_at(memory_distance)
-        self.register_buffer("mem_cos", None if cos_sin is None else cos_sin[0], persistent=False)
-        self.register_buffer("mem_sin", None if cos_sin is None else cos_sin[1], persistent=False)
+        self.to_memory = to_memory
 
     def gates(self) -> list[nn.Parameter]:
         return [self.scale, self.bias]
-
-    def memory_query(self, q: torch.Tensor) -> torch.Tensor:
-        """Un-rotated q (B, T, Hq, D) -> the query that meets memory `memory_distance` back."""
-        if self.mem_cos is None:
-            return q
-        return apply_rotary(q, self.mem_cos.to(q.dtype), self.mem_sin.to(q.dtype))
 
     def forward(
         self,
         x: torch.Tensor,
         layer_kwargs: dict[str, Any],
-        retrieve: Retrieve | None,
+        found: Retrieved | None,
         n_context: int = 0,
-    ) -> tuple[torch.Tensor, SearchResult | None]:
-        """x (B, T, C) -> (B, T, C) and the search result used (None when memory is off).
-
-        `retrieve(q)` gets the memory queries (B, T - n_context, Hq, D), detached; the first
-        `n_context` positions are context only and use local attention alone.
-        """
-        if retrieve is None:
-            return run_layer(self.layer, x, layer_kwargs), None
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). `found` holds the pairs retrieved for the tokens after
+        the first `n_context` (context only: local attention alone); None = memory off."""
+        if found is None or not bool(found.mask.any()):  # memory off or empty banks
+            return run_layer(self.layer, x, layer_kwargs)
         ad, layer = self.adapter, self.layer
         h = ad.norm1(layer)(x)
         q, k, v = ad.qkv(layer, h, self.n_heads, self.n_kv_heads, self.head_dim)
-        q_mem = self.memory_query(q[:, n_context:])  # (B, T', Hq, D)
-        found = retrieve(q_mem.detach())  # before this segment's own keys enter the bank
-        if not bool(found.valid.any()):  # empty banks: the layer as it is
-            return run_layer(layer, x, layer_kwargs), found
         q_rot, k_rot = ad.rotate(q, k, layer_kwargs)
         scaling = ad.attn(layer).scaling
         a, lse_a = local_attention(q_rot, k_rot, v, scaling, layer_kwargs.get("attention_mask"))
         to = {"device": q.device, "dtype": q.dtype}
         m, lse_m = memory_attention(
-            q_mem, found.keys.to(**to), found.values.to(**to), found.token_mask().to(q.device),
-            scaling,
+            self.to_memory(q[:, n_context:]), found.keys.to(**to), found.values.to(**to),
+            found.mask.to(q.device), scaling,
         )
         y_new = mix_memory(a[:, n_context:], lse_a[:, n_context:], m, lse_m, self.scale, self.bias)
         y = torch.cat([a[:, :n_context], y_new], dim=1)  # (B, T, Hq, D)
         x = x + ad.out_proj(layer, y.flatten(2))
-        return x + ad.mlp(layer)(ad.norm2(layer)(x)), found
+        return x + ad.mlp(layer)(ad.norm2(layer)(x))

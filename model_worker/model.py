@@ -34,9 +34,9 @@ CHECKPOINT_CONFIG = "longmem.json"
 @dataclass
 class LongMemOutput:
     logits: torch.Tensor  # (B, T - n_context, V): the segment's tokens only
-    keys: torch.Tensor  # (B, T - n_context, Hkv, D) backbone layer-m keys (un-rotated), to append
-    values: torch.Tensor  # (B, T - n_context, Hkv, D)
-    retrieved: SearchResult | None  # what the memory layer got (None: memory not used)
+    keys: torch.Tensor  # (B, T - n_context, n_mem * Hkv, D) memory layers' keys (un-rotated)
+    values: torch.Tensor  # (B, T - n_context, n_mem * Hkv, D): both to append
+    retrieved: SearchResult | None  # what the memory layers got (None: memory not used)
     memory_off_logits: torch.Tensor | None = None  # like logits, with `references=True`
     backbone_logits: torch.Tensor | None = None  # like logits: the frozen backbone alone
 
@@ -54,7 +54,7 @@ class LongMemModel(nn.Module):
         cfg = (config or SideNetConfig()).resolve(backbone.config.num_hidden_layers)
         self.config = cfg
         self.backbone_name = backbone_name
-        self.backbone = Backbone(backbone, cfg.retrieval_layer)
+        self.backbone = Backbone(backbone, cfg.memory_sources(backbone.config.num_hidden_layers))
         self.sidenet = SideNet(self.backbone, cfg)
 
     @classmethod
@@ -69,8 +69,9 @@ class LongMemModel(nn.Module):
         return cls(model, config, backbone_name=backbone), tokenizer
 
     @property
-    def kv_heads(self) -> int:
-        return self.backbone.n_kv_heads
+    def bank_heads(self) -> int:
+        """Key/value heads per token in a bank: every memory layer's, side by side."""
+        return len(self.sidenet.sources) * self.backbone.n_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -84,9 +85,10 @@ class LongMemModel(nn.Module):
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
     def gates(self) -> dict[str, torch.Tensor]:
-        """The memory layer's per-head gates, detached: {"scale": (Hq,), "bias": (Hq,)}."""
-        mem = self.sidenet.memory
-        return {"scale": mem.scale.detach(), "bias": mem.bias.detach()}
+        """The memory layers' per-head gates, detached: {"scale": (n_mem, Hq), "bias": ...}."""
+        joint = self.sidenet.joint_layers
+        return {name: torch.stack([getattr(j, name).detach() for j in joint])
+                for name in ("scale", "bias")}
 
     def forward(
         self,
@@ -137,11 +139,11 @@ class LongMemModel(nn.Module):
         capacity_tokens: int,
         dtype: str = "float16",
     ) -> None:
-        """Create one bank per stream shaped for this model's retrieval layer."""
+        """Create one bank per stream shaped for this model's memory layers."""
         for name in streams:
             memory.create_bank(
                 name,
-                kv_heads=self.kv_heads,
+                kv_heads=self.bank_heads,
                 head_dim=self.head_dim,
                 chunk_size=self.config.chunk_size,
                 capacity_tokens=capacity_tokens,
@@ -153,13 +155,13 @@ class LongMemModel(nn.Module):
         self, input_ids: torch.Tensor, n_context: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What reading a window writes to memory, without running the SideNet: the
-        backbone's layer-m keys and values (B, T - n_context, Hkv, D) of its segment."""
+        backbone's memory-layer keys and values (B, T - n_context, n_mem * Hkv, D)."""
         bb = self.backbone(input_ids)
         return bb.keys[:, n_context:], bb.values[:, n_context:]
 
     @torch.no_grad()
     def append_memory(self, memory: Memory, streams: Sequence[str], out: LongMemOutput) -> None:
-        """After a step: write row b's layer-m keys/values (T, Hkv, D) to bank streams[b]."""
+        """After a step: write row b's keys/values (T, n_mem * Hkv, D) to bank streams[b]."""
         for b, name in enumerate(streams):
             memory.append(name, out.keys[b].detach(), out.values[b].detach())
 

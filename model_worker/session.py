@@ -154,7 +154,7 @@ def open_bank(memory: Memory, model: LongMemModel, name: str, capacity_tokens: i
     """Create bank `name` for this model, empty: an existing bank of that shape and size is
     reset, one of another shape or size is replaced."""
     info = next((b for b in memory.list_banks() if b.name == name), None)
-    wanted = (model.kv_heads, model.head_dim, model.config.chunk_size, capacity_tokens)
+    wanted = (model.bank_heads, model.head_dim, model.config.chunk_size, capacity_tokens)
     if info is not None:
         spec = info.spec
         if (spec.kv_heads, spec.head_dim, spec.chunk_size, spec.capacity_tokens) == wanted:

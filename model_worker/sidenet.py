@@ -1,4 +1,4 @@
-"""Residual SideNet: trainable copies of every r-th backbone layer, starting at the memory layer.
+"""Residual SideNet: trainable copies of every r-th backbone layer, from the memory band up.
 
 SideNet layer i (0-based) is a copy of backbone layer `src(i) = r * (i + 1) - 1` (0-based)
 and stands in for the r backbone layers `r*i .. src(i)`. With `H[j]` the backbone's input to
@@ -18,11 +18,21 @@ each copy runs where its source layer runs, on the same input, so an untrained S
 reproduces the backbone exactly, and any change memory makes to the stream is carried on by
 the upper layers as the backbone itself would carry it.
 
-Layers below the memory layer never see memory: untrained copies there are the backbone's
-own layers, so their output is `H[r*i]` and the SideNet starts at the memory layer (the
-official code, `Victorwz/LongMem`, also means to freeze that lower half). `train_layers`
-chooses what trains: `memory` (default: the memory layer and its gates; the copies above it
-stay frozen copies of the backbone and are not stored in checkpoints) or `all`.
+Memory band: every copy of a backbone layer in `memory_layers = [first, last]` is a
+joint-attention layer, and the backbone's keys/values of those layers are what reading
+writes to memory (one bank, the layers side by side as key/value heads). The paper uses one
+memory layer; on SmolLM2 one layer (13, 17 or 21) recovered 0 of 30 pass keys training-free,
+while layers 14-23 together, the band where the backbone copies in context, found them (the
+measurement is in docs/method.md). Hence r = 1 by default: with r = 2 only every other
+layer of the band would see memory. Retrieval happens once per step, before the SideNet
+runs, with the backbone's own queries of the band's layers: one memory round trip per
+step, however many layers use it.
+
+Layers below the band never see memory: untrained copies there are the backbone's own
+layers, so their output is `H[r*i]` and the SideNet starts at the band. `train_layers`
+chooses what trains: `gates` (default: each joint-attention layer's per-head scale and
+bias), `memory` (the band's layers and their gates) or `all` (every copy). Checkpoints
+store only what trains; frozen copies are rebuilt from the backbone.
 """
 
 from __future__ import annotations
@@ -34,14 +44,19 @@ import torch
 from torch import nn
 
 from model_worker.backbone import Backbone, BackboneOutput
-from model_worker.joint_attention import JointAttentionLayer, Retrieve, run_layer
+from model_worker.joint_attention import JointAttentionLayer, Retrieve, Retrieved, run_layer
 from model_worker.memory import SearchResult
+from model_worker.positions import MemoryDistance
 
-# Default depth of the retrieval layer as a fraction of the backbone's depth: on SmolLM2
-# (30 layers) index 17 captured the most of the backbone's attention on distant text of
-# 13/17/21/25 (benchmarks/bench_retrieval.py); the paper uses the 18th of 24 layers.
-RETRIEVAL_DEPTH = 0.6
-TRAIN_LAYERS = ("memory", "all")
+# Default memory band as fractions of the backbone's depth: layers 14-23 of SmolLM2's 30,
+# where its in-context copying happens (see the module docstring).
+BAND = (0.47, 0.8)
+TRAIN_LAYERS = ("gates", "memory", "all")
+
+
+def default_band(n_layers: int) -> list[int]:
+    first = min(n_layers - 1, round(BAND[0] * n_layers))
+    return [first, max(first, round(BAND[1] * n_layers) - 1)]
 
 
 @dataclass
@@ -49,26 +64,24 @@ class SideNetConfig:
     """LongMem hyper-parameters. `None` fields are derived from the backbone by `resolve`.
 
     r: layer reduction factor (the SideNet copies every r-th backbone layer).
-    retrieval_layer: m, 0-based backbone layer whose keys/values fill the memory.
-    memory_layer: 0-based SideNet layer doing joint attention; default the layer copied
-        from backbone layer m, i.e. (m + 1) / r - 1 (so m + 1 must be divisible by r).
-    k: retrieved tokens per token and head; chunk_size: tokens per memory chunk.
+    memory_layers: [first, last] 0-based backbone layers (inclusive): the copies of these
+        layers attend to memory, and their keys/values fill it.
+    k: retrieved tokens per token, head and memory layer; chunk_size: tokens per chunk.
     context: tokens of the previous segment that every segment is read after (context
         only: they neither query memory nor are written to it; see `data.windows`).
     memory_distance: the query meets memory keys (stored without position) as if they sat
         this many tokens back (rotary backbones; 0 = un-rotated).
-    train_layers: `memory` (the memory layer and its gates) or `all` SideNet layers.
+    train_layers: `gates`, `memory` (the band's layers and gates) or `all` SideNet layers.
     use_memory: off = every layer is plain local attention.
     """
 
-    r: int = 2
-    retrieval_layer: int | None = None
-    memory_layer: int | None = None
+    r: int = 1
+    memory_layers: list[int] | None = None
     k: int = 64
     chunk_size: int = 4
     context: int = 64
     memory_distance: int = 512
-    train_layers: str = "memory"
+    train_layers: str = "gates"
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:
@@ -76,21 +89,15 @@ class SideNetConfig:
         r = self.r
         if r < 1 or n_layers % r:
             raise ValueError(f"reduction factor r={r} must divide the {n_layers} backbone layers")
-        m = self.retrieval_layer
-        if m is None:
-            m = min(n_layers, max(r, r * round(RETRIEVAL_DEPTH * n_layers / r))) - 1
-        if not 0 <= m < n_layers:
-            raise ValueError(f"retrieval_layer {m} not in [0, {n_layers})")
-        mem = self.memory_layer
-        if mem is None:
-            if (m + 1) % r:
-                raise ValueError(
-                    f"no SideNet layer is a copy of backbone layer {m} with r={r}; "
-                    "choose retrieval_layer with (m + 1) % r == 0 or set memory_layer"
-                )
-            mem = (m + 1) // r - 1
-        if not 0 <= mem < n_layers // r:
-            raise ValueError(f"memory_layer {mem} not in [0, {n_layers // r})")
+        band = list(self.memory_layers) if self.memory_layers else default_band(n_layers)
+        if len(band) != 2 or not 0 <= band[0] <= band[1] < n_layers:
+            raise ValueError(f"memory_layers {band} must be [first, last] within [0, {n_layers})")
+        resolved = replace(self, memory_layers=band)
+        if not resolved.memory_sources(n_layers):
+            raise ValueError(
+                f"no SideNet layer copies a backbone layer in {band} with r={r}: the band "
+                f"must contain a layer j with (j + 1) % {r} == 0"
+            )
         if self.k < 1 or self.k % self.chunk_size:
             raise ValueError(f"k={self.k} must be a positive multiple of chunk_size")
         if self.context < 0:
@@ -99,28 +106,40 @@ class SideNetConfig:
             raise ValueError(f"memory_distance {self.memory_distance} must be >= 0")
         if self.train_layers not in TRAIN_LAYERS:
             raise ValueError(f"train_layers {self.train_layers!r} not in {TRAIN_LAYERS}")
-        return replace(self, retrieval_layer=m, memory_layer=mem)
+        return resolved
+
+    def memory_sources(self, n_layers: int) -> list[int]:
+        """Backbone layers, in order, whose SideNet copies use memory (a resolved config)."""
+        first, last = self.memory_layers
+        sources = (self.r * (i + 1) - 1 for i in range(n_layers // self.r))
+        return [j for j in sources if first <= j <= last]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class SideNet(nn.Module):
-    """The side network from the memory layer up; `config` must be resolved."""
+    """The side network from the memory band up; `config` must be resolved."""
 
     def __init__(self, backbone: Backbone, config: SideNetConfig):
         super().__init__()
         self.config = config
         self.r = config.r
-        self.first = config.memory_layer  # SideNet index of self.layers[0]
+        self.sources = config.memory_sources(backbone.n_layers)
+        self.first = (self.sources[0] + 1) // self.r - 1  # SideNet index of self.layers[0]
+        self.to_memory = MemoryDistance(backbone.rotary_at(config.memory_distance))
         src = backbone.adapter.layers(backbone.model)
         layers = []
         for i in range(self.first, backbone.n_layers // self.r):
             layer = copy.deepcopy(src[self.source(i)])
-            if i == config.memory_layer:
-                layer = JointAttentionLayer(layer, backbone, config.memory_distance)
-            trained = config.train_layers == "all" or i == config.memory_layer
-            layers.append(layer.requires_grad_(trained))
+            joint = self.source(i) in self.sources
+            if joint:
+                layer = JointAttentionLayer(layer, backbone, self.to_memory)
+            train = config.train_layers == "all" or (joint and config.train_layers == "memory")
+            layer.requires_grad_(train)
+            for gate in layer.gates() if joint else []:
+                gate.requires_grad_(True)
+            layers.append(layer)
         self.layers = nn.ModuleList(layers)
 
     def source(self, i: int) -> int:
@@ -128,20 +147,28 @@ class SideNet(nn.Module):
         return self.r * (i + 1) - 1
 
     @property
-    def memory(self) -> JointAttentionLayer:
-        return self.layers[0]
+    def joint_layers(self) -> list[JointAttentionLayer]:
+        return [layer for layer in self.layers if isinstance(layer, JointAttentionLayer)]
+
+    def gates(self) -> list[nn.Parameter]:
+        return [p for layer in self.joint_layers for p in layer.gates()]
 
     def forward(
         self, bb: BackboneOutput, retrieve: Retrieve | None, n_context: int = 0
     ) -> tuple[torch.Tensor, SearchResult | None]:
         """Backbone states -> final SideNet hidden (B, T, C) and the memory search result.
         The first `n_context` positions are context only: they do not query memory."""
-        x, found = bb.hidden[self.r * self.first], None  # (B, T, C)
+        found = pairs = None
+        if retrieve is not None:  # one search for every memory layer, before this segment's
+            found = retrieve(self.to_memory(bb.queries[:, n_context:]).detach())  # keys enter
+            pairs = Retrieved.split(found, len(self.sources))
+        x = bb.hidden[self.r * self.first]  # (B, T, C)
         for i, layer in enumerate(self.layers, start=self.first):
             src = self.source(i)
             x = x + (bb.hidden[src] - bb.hidden[self.r * i])  # the layers not copied
-            if i == self.first:
-                x, found = layer(x, bb.layer_kwargs[src], retrieve, n_context)
+            if isinstance(layer, JointAttentionLayer):
+                mine = None if pairs is None else pairs[self.sources.index(src)]
+                x = layer(x, bb.layer_kwargs[src], mine, n_context)
             else:
                 x = run_layer(layer, x, bb.layer_kwargs[src])
         return x, found

@@ -108,7 +108,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
     """Weights with lr and weight decay; the memory gates with their own lr; biases, norm
     weights and gates without weight decay."""
-    gates = {id(p) for p in model.sidenet.memory.gates()}
+    gates = {id(p) for p in model.sidenet.gates()}
     groups = {"weights": [], "no_decay": [], "gates": []}
     for p in model.trainable_parameters():
         kind = "gates" if id(p) in gates else "no_decay" if p.ndim < 2 else "weights"
@@ -226,8 +226,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                 "recall_loss": round(recall_nll / recall_n, 4) if recall_n else None,
                 "recall_tokens": recall_n,
                 "seconds": round(elapsed, 1), "memory_seconds": round(memory.seconds, 1),
-                "gate_scale": [round(x, 4) for x in gates["scale"].tolist()],
-                "gate_bias": [round(x, 4) for x in gates["bias"].tolist()],
+                "gate_scale": gates["scale"].mul(1e4).round().div(1e4).tolist(),  # (n_mem, Hq)
+                "gate_bias": gates["bias"].mul(1e4).round().div(1e4).tolist(),
             }) + "\n")
             log.flush()
         bar.set_postfix(

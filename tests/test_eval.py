@@ -79,7 +79,7 @@ def test_references_match_separate_passes(assets):
     torch.testing.assert_close(out.memory_off_logits, m(ids[:, 80:], n_context=8).logits)
     torch.testing.assert_close(out.backbone_logits, m.backbone.model(ids[:, 80:]).logits[:, 8:])
     assert not torch.allclose(out.logits, out.memory_off_logits), "memory must matter here"
-    assert out.keys.shape == out.values.shape == (1, 32, m.kv_heads, m.head_dim)
+    assert out.keys.shape == out.values.shape == (1, 32, m.bank_heads, m.head_dim)
 
 
 @pytest.mark.parametrize("kind", ["filler", "prose"])
@@ -174,7 +174,7 @@ def test_open_bank_empties_or_replaces_a_bank_of_another_size(model):
     m, _ = model
     mem = InProcessClient()
     open_bank(mem, m, "b", 256)
-    keys = torch.randn(40, m.kv_heads, m.head_dim)
+    keys = torch.randn(40, m.bank_heads, m.head_dim)
     mem.append("b", keys, keys)
     open_bank(mem, m, "b", 256)  # same size: emptied
     info = mem.describe_bank("b")

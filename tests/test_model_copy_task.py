@@ -46,12 +46,12 @@ def test_long_range_copy_through_memory(one_thread):
     backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():
         backbone.lm_head.weight.mul_(10.0)
-    cfg = SideNetConfig(retrieval_layer=1, k=32, chunk_size=4, train_layers="all")
+    cfg = SideNetConfig(r=2, memory_layers=[1, 1], k=32, chunk_size=4, train_layers="all")
     model = LongMemModel(backbone, cfg)
     mem = InProcessClient()
     streams = [f"s{b}" for b in range(B)]
     model.create_banks(mem, streams, capacity_tokens=1024)
-    gates = model.sidenet.memory.gates()
+    gates = model.sidenet.gates()
     with torch.no_grad():  # memory open from the start (scale 1): a random backbone gives
         gates[0].fill_(1.0)  # the zero-scale start no signal to open it by
     rest = [p for p in model.trainable_parameters() if all(p is not g for g in gates)]

@@ -41,13 +41,13 @@ def test_default_backbone_loads_offline_and_has_expected_shape(smol):
     model, tok = smol
     c = model.backbone.model.config
     assert (c.model_type, c.num_hidden_layers, c.hidden_size) == ("llama", 30, 576)
-    assert (model.backbone.n_heads, model.kv_heads, model.head_dim) == (9, 3, 64)
-    assert (model.config.retrieval_layer, model.config.memory_layer) == (17, 8)
-    assert len(model.sidenet.layers) == 7  # copies of backbone layers 17, 19, ..., 29
+    assert (model.backbone.n_heads, model.backbone.n_kv_heads, model.head_dim) == (9, 3, 64)
+    assert model.sidenet.sources == list(range(14, 24)) and model.bank_heads == 30
+    assert len(model.sidenet.layers) == 16  # copies of backbone layers 14, 15, ..., 29
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :64]
     out = model(ids)
     assert out.logits.shape == (1, 64, 49152) and out.logits.dtype == torch.float32
-    assert out.keys.shape == (1, 64, 3, 64)
+    assert out.keys.shape == (1, 64, 30, 64)
     # the backbone itself is a working language model after conversion
     with torch.no_grad():
         ref = model.backbone.model(ids).logits
@@ -118,4 +118,4 @@ def test_shipped_weights_are_the_default_for_the_default_backbone():
     model, _ = load_model(None, None)
     assert model.gates()["scale"].abs().max() > 0.1, "the shipped gates were trained open"
     untrained, _ = load_model(None, "none")
-    assert torch.equal(untrained.gates()["scale"], torch.zeros(9))
+    assert torch.equal(untrained.gates()["scale"], torch.zeros(10, 9))

@@ -43,7 +43,8 @@ def tiny_backbone(config, seed: int = 0):
 
 
 def tiny_model(config, seed: int = 0, **sidenet) -> LongMemModel:
-    cfg = SideNetConfig(**({"k": 8, "chunk_size": 2} | sidenet))
+    """Two memory layers (1 and 2 of 4) unless told otherwise."""
+    cfg = SideNetConfig(**({"k": 8, "chunk_size": 2, "memory_layers": [1, 2]} | sidenet))
     return LongMemModel(tiny_backbone(config, seed), cfg, backbone_name=f"tiny-{seed}")
 
 
@@ -67,7 +68,8 @@ def model(request) -> LongMemModel:
 def open_gates(model: LongMemModel) -> None:
     """Memory fully on: one softmax over local and retrieved keys (scale 1, bias 0)."""
     with torch.no_grad():
-        model.sidenet.memory.scale.fill_(1.0)
+        for joint in model.sidenet.joint_layers:
+            joint.scale.fill_(1.0)
 
 
 def filled_memory(model: LongMemModel, streams: list[str], n_tokens: int, seed: int):
@@ -83,7 +85,9 @@ def filled_memory(model: LongMemModel, streams: list[str], n_tokens: int, seed: 
 def test_shapes_and_dtypes(model):
     ids = torch.randint(0, VOCAB, (2, 12))
     out = model(ids)
-    hkv, d = model.kv_heads, model.head_dim
+    hkv, d = model.bank_heads, model.head_dim  # both memory layers' kv heads
+    assert hkv == 2 * model.backbone.n_kv_heads
+    hq = 2 * model.backbone.n_heads
     assert out.logits.shape == (2, 12, VOCAB) and out.logits.dtype == torch.float32
     assert out.keys.shape == out.values.shape == (2, 12, hkv, d)
     assert out.retrieved is None
@@ -92,24 +96,30 @@ def test_shapes_and_dtypes(model):
     out = model(ids, streams, mem)
     k = model.config.k
     assert out.logits.shape == (2, 12, VOCAB)
-    assert out.retrieved.keys.shape == (2, 12, model.backbone.n_heads, k, d)
+    assert out.retrieved.keys.shape == (2, 12, hq, k, d)
     out = model(ids, streams, mem, n_context=4, references=True)  # 4 context tokens
     assert out.logits.shape == out.memory_off_logits.shape == (2, 8, VOCAB)
     assert out.backbone_logits.shape == (2, 8, VOCAB)
     assert out.keys.shape == (2, 8, hkv, d)
-    assert out.retrieved.keys.shape == (2, 8, model.backbone.n_heads, k, d)
+    assert out.retrieved.keys.shape == (2, 8, hq, k, d)
     torch.testing.assert_close(out.keys, model(ids).keys[:, 4:])
 
 
 def test_captured_keys_are_the_layers_own_projections():
-    """Llama: keys/values are k_proj/v_proj of the layer-m input, before rotary."""
+    """Llama: queries/keys/values are q/k/v_proj of each memory layer's input, before
+    rotary, the layers side by side as heads."""
     m = tiny_model(llama_config())
     ids = torch.randint(0, VOCAB, (1, 10))
     bb = m.backbone(ids)
-    layer = m.backbone.model.model.layers[m.config.retrieval_layer]
-    h = layer.input_layernorm(bb.hidden[m.config.retrieval_layer])
-    torch.testing.assert_close(bb.keys, layer.self_attn.k_proj(h).view(1, 10, 2, 16))
-    torch.testing.assert_close(bb.values, layer.self_attn.v_proj(h).view(1, 10, 2, 16))
+    assert m.sidenet.sources == [1, 2]
+    for j, src in enumerate(m.sidenet.sources):
+        layer = m.backbone.model.model.layers[src]
+        h = layer.input_layernorm(bb.hidden[src])
+        kv, qh = slice(2 * j, 2 * j + 2), slice(4 * j, 4 * j + 4)
+        a = layer.self_attn
+        torch.testing.assert_close(bb.keys[:, :, kv], a.k_proj(h).view(1, 10, 2, 16))
+        torch.testing.assert_close(bb.values[:, :, kv], a.v_proj(h).view(1, 10, 2, 16))
+        torch.testing.assert_close(bb.queries[:, :, qh], a.q_proj(h).view(1, 10, 4, 16))
     ref = m.backbone.model(ids, output_hidden_states=True).hidden_states
     for i in range(len(ref) - 1):  # the last one HF returns after the final norm
         torch.testing.assert_close(bb.hidden[i], ref[i])
@@ -203,9 +213,9 @@ def test_only_sidenet_trains_and_backbone_is_bit_identical(model):
     mem = filled_memory(model, streams, 24, seed=1)
     before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     trainable = {id(p) for p in model.trainable_parameters()}
-    joint = model.sidenet.memory
-    assert {id(joint.scale), id(joint.bias)} <= trainable
-    assert trainable == {id(p) for p in joint.parameters()}  # train_layers="memory"
+    assert trainable == {id(p) for p in model.sidenet.gates()}  # train_layers="gates"
+    assert len(trainable) == 4  # scale and bias of both memory layers
+    joint = model.sidenet.joint_layers[0]
     assert all(not p.requires_grad for p in model.backbone.parameters())
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.01)
     model.train()
@@ -269,19 +279,22 @@ def test_unsupported_architecture_is_refused():
     with pytest.raises(ValueError, match="unsupported backbone architecture 'bert'"):
         Backbone(AutoModelForCausalLM.from_config(BertConfig(is_decoder=True, num_hidden_layers=2,
                                                              hidden_size=32, num_attention_heads=2,
-                                                             intermediate_size=64)), 0)
+                                                             intermediate_size=64)), [0])
 
 
 def test_config_defaults_and_validation():
     c = SideNetConfig().resolve(30)  # SmolLM2
-    assert (c.retrieval_layer, c.memory_layer, c.k, c.chunk_size, c.r) == (17, 8, 64, 4, 2)
-    c24 = SideNetConfig().resolve(24)
-    assert c24.memory_layer == c24.retrieval_layer // 2
+    assert (c.memory_layers, c.k, c.chunk_size, c.r) == ([14, 23], 64, 4, 1)
+    assert c.train_layers == "gates"
+    assert c.memory_sources(30) == list(range(14, 24))
+    assert SideNetConfig(r=2).resolve(30).memory_sources(30) == [15, 17, 19, 21, 23]
+    assert SideNetConfig().resolve(4).memory_layers == [2, 2]
     with pytest.raises(ValueError, match="must divide"):
         SideNetConfig(r=4).resolve(30)
-    with pytest.raises(ValueError, match="no SideNet layer is a copy"):
-        SideNetConfig(retrieval_layer=16).resolve(30)
-    assert SideNetConfig(retrieval_layer=16, memory_layer=8).resolve(30).memory_layer == 8
+    with pytest.raises(ValueError, match="no SideNet layer copies"):
+        SideNetConfig(r=2, memory_layers=[16, 16]).resolve(30)
+    with pytest.raises(ValueError, match="first, last"):
+        SideNetConfig(memory_layers=[20, 14]).resolve(30)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         SideNetConfig(k=62).resolve(30)
     with pytest.raises(ValueError, match="train_layers"):
@@ -290,14 +303,17 @@ def test_config_defaults_and_validation():
         SideNetConfig(memory_distance=-1).resolve(30)
 
 
-@pytest.mark.parametrize("train_layers", ["memory", "all"])
-def test_sidenet_layers_are_copies_of_every_rth_layer_from_the_memory_layer(train_layers):
-    m = tiny_model(llama_config(num_hidden_layers=8), r=2, retrieval_layer=3,
+@pytest.mark.parametrize("train_layers", ["gates", "memory", "all"])
+def test_sidenet_layers_are_copies_of_every_rth_layer_from_the_memory_band(train_layers):
+    m = tiny_model(llama_config(num_hidden_layers=8), r=2, memory_layers=[3, 5],
                    train_layers=train_layers)
     src = m.backbone.model.model.layers
-    assert m.config.memory_layer == 1 and len(m.sidenet.layers) == 3  # copies of 3, 5, 7
+    assert m.sidenet.sources == [3, 5] and len(m.sidenet.layers) == 3  # copies of 3, 5, 7
+    assert len(m.sidenet.joint_layers) == 2
     for i, layer in enumerate(m.sidenet.layers, start=1):
-        trained = train_layers == "all" or i == 1
+        trained = train_layers == "all" or (train_layers == "memory" and i < 3)
+        if i < 3:
+            assert layer.scale.requires_grad and layer.bias.requires_grad
         layer = getattr(layer, "layer", layer)
         for (n, p), (_, q) in zip(layer.named_parameters(), src[2 * i + 1].named_parameters(),
                                   strict=True):
@@ -306,7 +322,7 @@ def test_sidenet_layers_are_copies_of_every_rth_layer_from_the_memory_layer(trai
 
 
 def test_checkpoint_round_trip_and_refusal(tmp_path):
-    m = tiny_model(llama_config())
+    m = tiny_model(llama_config(), train_layers="memory")
     with torch.no_grad():
         for p in m.trainable_parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -319,12 +335,12 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     stored = load_file(tmp_path / "ck" / "sidenet.safetensors")  # only what trains
     assert set(stored) == {n for n, p in m.sidenet.named_parameters() if p.requires_grad}
     assert any(not p.requires_grad for p in m.sidenet.parameters())
-    fresh = tiny_model(llama_config())
+    fresh = tiny_model(llama_config(), train_layers="memory")
     assert not torch.equal(fresh(ids).logits, m(ids).logits)
     fresh.load_checkpoint(tmp_path / "ck")
     assert torch.equal(fresh(ids).logits, m(ids).logits)
-    other_weights = tiny_model(llama_config(), seed=1)
+    other_weights = tiny_model(llama_config(), seed=1, train_layers="memory")
     with pytest.raises(ValueError, match="made for backbone 'tiny-0'.*embedding_fingerprint"):
         other_weights.load_checkpoint(tmp_path / "ck")
     with pytest.raises(ValueError, match="made for backbone 'tiny-0'.*model_type"):
-        tiny_model(gpt2_config()).load_checkpoint(tmp_path / "ck")
+        tiny_model(gpt2_config(), train_layers="memory").load_checkpoint(tmp_path / "ck")

@@ -126,13 +126,14 @@ def test_recall_documents_ask_later_what_they_state(assets):
 
 
 def test_optimizer_groups_give_gates_their_own_rate_and_no_decay(assets):
-    model, _ = load_model(str(assets[0]), None, SideNetConfig(k=8, chunk_size=2))
+    cfg = SideNetConfig(k=8, chunk_size=2, train_layers="memory")
+    model, _ = load_model(str(assets[0]), None, cfg)
     groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, gate_lr=0.05))}
-    gates = {id(p) for p in model.sidenet.memory.gates()}
+    gates = {id(p) for p in model.sidenet.gates()}
     assert {id(p) for p in groups["gates"]["params"]} == gates
     assert groups["gates"]["lr"] == 0.05 and groups["gates"]["weight_decay"] == 0.0
     assert groups["no_decay"]["weight_decay"] == 0.0
-    assert all(p.ndim == 2 for p in groups["weights"]["params"])
+    assert groups["weights"]["params"] and all(p.ndim == 2 for p in groups["weights"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_parameters())
 
 
