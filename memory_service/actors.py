@@ -61,12 +61,15 @@ class ShardActor(Shard):
             from memory_service.server import advertised, start_server
 
             engine = ray_engine(endpoint.service, n_shards, endpoint.allow_partial)
-            self.server, address = start_server(engine, endpoint.tenants, endpoint.host, 0)
+            self.server, address = start_server(
+                engine, endpoint.tenants, endpoint.host, 0, tls=endpoint.tls
+            )
             self.endpoint = advertised(address)
 
     @ray.method(concurrency_group="health")
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> tuple[int, float]:
+        """Alive; answers `wal_stats()` (log bytes, last replay seconds) for the metrics."""
+        return self.wal_stats()
 
     @ray.method(concurrency_group="durable")
     def wait_durable(self, seq: int) -> None:

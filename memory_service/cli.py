@@ -191,8 +191,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--shard-endpoints",
         action="store_true",
-        help="every shard also serves the API on its own node (bound to --host); "
-        "the shard map lists their addresses",
+        help="every shard also serves the API on its own node (bound to --host, with the "
+        "same --tls-* files, read on each node); the shard map lists their addresses",
     )
     serve.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")

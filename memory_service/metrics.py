@@ -10,8 +10,9 @@ Per gRPC method and tenant (`tenant="-"` before a key is recognised):
 Per tenant: `longmem_banks`, `longmem_bank_tokens` and `longmem_bank_bytes` (gauges, kept
 by the service every few seconds). Per shard: `longmem_shard_up` (1 or 0),
 `longmem_shard_restarts_total` (down, then up again), and the write-ahead log's
-`longmem_wal_bytes` and `longmem_wal_replay_seconds` (gauges: set them with `set_wal`). The
-process's own `process_*` metrics (memory, CPU, open files) come with the exposition.
+`longmem_wal_bytes` and `longmem_wal_replay_seconds` (gauges, `set_wal`: each shard answers
+the service's health check with them). The process's own `process_*` metrics (memory,
+CPU, open files) come with the exposition.
 """
 
 from __future__ import annotations

@@ -63,12 +63,20 @@ ACTOR_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
 
 @dataclass(frozen=True)
 class ShardEndpoint:
-    """Asks every shard to serve the whole gRPC API on its own node as well."""
+    """Asks every shard to serve the whole gRPC API on its own node as well.
+
+    With `tls`, each shard serves TLS with the same files, read on the shard's node: they
+    must be at the same paths on every node (on KubeRay, mount the longmem-tls Secret in
+    the worker pods too: the manifests, without shard endpoints, mount it on the head only),
+    and the certificate must name the addresses clients dial (each node's, as the shard map
+    lists them).
+    """
 
     host: str  # address to bind, e.g. 0.0.0.0 to be reachable from other nodes
     tenants: TenantTable
     service: str
     allow_partial: bool = False
+    tls: ServerTLS | None = None
 
 
 class Service:
@@ -181,7 +189,8 @@ class Service:
                 return
 
     def _health_loop(self) -> None:
-        """Ping every shard; a shard that does not answer in time is down until it does."""
+        """Ping every shard; a shard that does not answer in time is down until it does.
+        A shard's answer carries its write-ahead log's size and last replay time (metrics)."""
         while not self._stop.wait(HEALTH_EVERY_S):
             pings = {s: shard.ping.remote() for s, shard in enumerate(self.shards)}
             ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=2.0)
@@ -190,9 +199,11 @@ class Service:
                 try:
                     if ref not in ready:
                         raise GetTimeoutError
-                    ray.get(ref)
+                    wal_bytes, replay_seconds = ray.get(ref)
                 except (RayActorError, GetTimeoutError):
                     down.add(s)
+                else:
+                    metrics.set_wal(s, wal_bytes, replay_seconds)
             was_down = self.shard_calls.down
             for s in pings:
                 metrics.set_shard_up(s, s not in down, s not in was_down)
@@ -250,7 +261,8 @@ def start_service(
 
     `name` identifies the service on the Ray cluster (`find_service(name)`).
     `shard_endpoints`: every shard also serves the whole API on its own node (bound to
-    `host`), so clients can spread over them; the shard map lists their addresses.
+    `host`), so clients can spread over them; the shard map lists their addresses (with
+    `tls` they serve TLS too: `ShardEndpoint`).
     `snapshot_dir` (a path every node can reach) makes shards restartable from snapshots
     (on demand, every `snapshot_every_s` seconds when > 0, and on a clean stop) and holds
     the write-ahead logs of `durability` (`none`, `group` or `fsync`: `memory_service.wal`).
@@ -260,8 +272,8 @@ def start_service(
     if shards < 1:
         raise ValueError(f"--shards must be at least 1, got {shards}")
     check_durability(durability)
-    if shard_endpoints and tls is not None:
-        raise InvalidArgument("--shard-endpoints serve plaintext only; leave out one of them")
+    if tls is not None:
+        tls.credentials()  # unreadable files: InvalidArgument now, before any actor starts
     if not ray.is_initialized():
         # the embedded Ray serves this process alone, on loopback: no token authentication
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -272,7 +284,7 @@ def start_service(
             logging_level="WARNING",
         )
     tenants = tenants or TenantTable.single()
-    endpoint = ShardEndpoint(host, tenants, name, allow_partial) if shard_endpoints else None
+    endpoint = ShardEndpoint(host, tenants, name, allow_partial, tls) if shard_endpoints else None
     service = Service(
         shards,
         gpus_per_shard,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,8 @@ class ShardInfo:
     endpoint: str = ""  # host:port where this shard serves the API too, if asked
     banks: int = 0  # banks with chunks on this shard (all tenants)
     restored_from_snapshot: bool = False
+    wal_bytes: int = 0  # length of the shard's write-ahead log (0 without one)
+    wal_replay_seconds: float = 0.0  # how long replaying it took when the shard last started
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Shard:
         self.index, self.n_shards, self.device = index, n_shards, device
         self.stores: dict[str, ChunkStore] = {}
         self.wal: WriteAheadLog | None = None
+        self.wal_replay_seconds = 0.0
 
     def _store(self, bank_key: str, live: LiveRange) -> ChunkStore | None:
         store = self.stores.get(bank_key)
@@ -160,7 +164,18 @@ class Shard:
 
     def info(self) -> ShardInfo:
         """Where this shard runs and what it holds (its entry in the shard map)."""
-        return ShardInfo(self.index, device=self.device, banks=len(self.stores))
+        return ShardInfo(
+            self.index,
+            device=self.device,
+            banks=len(self.stores),
+            wal_bytes=self.wal_stats()[0],
+            wal_replay_seconds=self.wal_replay_seconds,
+        )
+
+    def wal_stats(self) -> tuple[int, float]:
+        """The write-ahead log's length in bytes (0 without one) and how long its replay
+        took when this shard last started; cheap and safe from any thread (the metrics)."""
+        return (self.wal.size_bytes if self.wal is not None else 0), self.wal_replay_seconds
 
     def describe(self, bank_key: str, live: LiveRange) -> dict:
         store = self._store(bank_key, live)
@@ -205,6 +220,7 @@ class Shard:
         is replayed whatever `durability` is now), then log from here on unless
         `durability` is `none`. True when anything was restored."""
         restored = self.load_snapshot(directory)
+        started = time.perf_counter()
         if check_durability(durability) == "none":
             records = (r for r, _ in read_records(self.log_path(directory)))
         else:
@@ -214,8 +230,14 @@ class Shard:
         for header, tensors in records:
             self._replay(header, tensors)
             replayed += 1
+        self.wal_replay_seconds = time.perf_counter() - started
         if replayed:
-            log.info("shard %d replayed %d log records", self.index, replayed)
+            log.info(
+                "shard %d replayed %d log records in %.3f s",
+                self.index,
+                replayed,
+                self.wal_replay_seconds,
+            )
         return restored or replayed > 0
 
     def _replay(self, header: dict, tensors: list[torch.Tensor]) -> None:

@@ -154,6 +154,7 @@ class WriteAheadLog:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self.cond = threading.Condition()
         self.written = self.synced = 0  # sequence numbers of records
+        self.size = os.fstat(self.fd).st_size  # bytes in the file, kept as records are written
         self.closed = False
         self.flusher: threading.Thread | None = None
 
@@ -167,10 +168,12 @@ class WriteAheadLog:
             if good < os.fstat(self.fd).st_size:
                 os.ftruncate(self.fd, good)
                 os.fsync(self.fd)
+            self.size = good
 
     @property
     def size_bytes(self) -> int:
-        return os.fstat(self.fd).st_size
+        """The log's length in bytes (no system call: safe from any thread, even closed)."""
+        return self.size
 
     def append(self, header: dict, tensors: Sequence[torch.Tensor] = ()) -> int:
         """Write one record; return its sequence number for `wait`. With `fsync` the record
@@ -179,8 +182,10 @@ class WriteAheadLog:
         with self.cond:
             if self.closed:
                 raise OSError(f"write-ahead log {self.path} is closed")
+            size = len(frame)
             while frame:
                 frame = frame[os.write(self.fd, frame) :]
+            self.size += size
             self.written += 1
             if self.durability == "fsync":
                 os.fsync(self.fd)
@@ -218,6 +223,7 @@ class WriteAheadLog:
         with self.cond:
             os.ftruncate(self.fd, 0)
             os.fsync(self.fd)
+            self.size = 0
             self.synced = self.written
             self.cond.notify_all()
 

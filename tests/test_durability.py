@@ -74,8 +74,9 @@ def test_a_torn_tail_is_dropped_and_cut_off(tmp_path):
         path.write_bytes(whole[:cut])
         wal = WriteAheadLog(path, "group")
         assert_records(list(wal.replay()), expected[:2])
-        assert path.stat().st_size == ends[1]  # the torn tail is gone
+        assert path.stat().st_size == ends[1] == wal.size_bytes  # the torn tail is gone
         wal.append(*expected[2])  # a new record follows the last whole one
+        assert wal.size_bytes == len(whole)
         wal.close()
         assert_records([r for r, _ in read_records(path)], expected)
 
@@ -131,10 +132,13 @@ def test_shard_restart_replays_its_log_after_the_snapshot(tmp_path):
     fill_shard(shard, spec, "gone@2", range(0, 10), seed=1)
     shard.save_snapshot(tmp_path)  # truncates the log
     assert list(read_records(shard.log_path(tmp_path))) == []
+    assert shard.info().wal_bytes == 0
     fill_shard(shard, spec, "a@1", range(40, 60), seed=2)
     fill_shard(shard, spec, "b@3", range(0, 7), seed=3)
     shard.drop_bank("gone@2")
     shard.wal.close()
+    logged = shard.log_path(tmp_path).stat().st_size
+    assert shard.wal_stats()[0] == logged > 0
 
     back = Shard(1, 2)
     assert back.restore(tmp_path, "fsync")
@@ -144,6 +148,8 @@ def test_shard_restart_replays_its_log_after_the_snapshot(tmp_path):
         for field in ("ids", "keys", "values", "means"):
             assert torch.equal(state[field], other[field]), (key, field)
     assert len(list(read_records(shard.log_path(tmp_path)))) == 3  # replayed, kept
+    info = back.info()  # what the shard map and the metrics report
+    assert info.wal_bytes == logged and 0 < info.wal_replay_seconds < 10
     back.wal.close()
 
 

@@ -1,6 +1,7 @@
 """Security and operations, for real (local Ray, gRPC on 127.0.0.1): TLS with client
-certificates, hashed API keys, unparsable requests, the per-tenant search bound, the
-Prometheus endpoint and JSON logs that never hold a key."""
+certificates (front door and shard endpoint), hashed API keys, unparsable requests, the
+per-tenant search bound, the Prometheus endpoint (write-ahead log gauges included) and JSON
+logs that never hold a key."""
 
 from __future__ import annotations
 
@@ -97,17 +98,27 @@ def log_lines():
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, certs, log_lines):
-    """One shard behind mutual TLS, two tenants with hashed keys, metrics on a free port."""
+def service(ray_local, certs, log_lines, tmp_path_factory):
+    """One shard behind mutual TLS, at the front door and at its own endpoint; tenants with
+    hashed keys; a snapshot dir (so a write-ahead log, durability `group`); metrics on a
+    free port."""
     tls = ServerTLS(str(certs / "server.pem"), str(certs / "server.key"), str(certs / "ca.pem"))
-    s = start_service(shards=1, tenants=TENANTS, tls=tls, metrics_port=0, name="secure")
+    s = start_service(
+        shards=1,
+        tenants=TENANTS,
+        tls=tls,
+        metrics_port=0,
+        name="secure",
+        shard_endpoints=True,
+        snapshot_dir=str(tmp_path_factory.mktemp("snapshots")),
+    )
     yield s
     s.stop()
 
 
-def client(service, certs, key=KEY, **kw) -> MemoryClient:
+def client(service, certs, key=KEY, address=None, **kw) -> MemoryClient:
     tls = ClientTLS(str(certs / "ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
-    return MemoryClient(service.address, key, tls=tls, **kw)
+    return MemoryClient(address or service.address, key, tls=tls, **kw)
 
 
 def test_tls_round_trip_with_client_certificate(service, certs):
@@ -123,11 +134,28 @@ def test_tls_round_trip_with_client_certificate(service, certs):
 
 def test_tls_refuses_plaintext_and_clients_without_a_certificate(service, certs):
     plain = MemoryClient(service.address, KEY, timeout=5, retries=0)
-    no_cert = MemoryClient(service.address, KEY, tls=ClientTLS(str(certs / "ca.pem")), timeout=5,
-                           retries=0)
+    no_cert = MemoryClient(
+        service.address, KEY, tls=ClientTLS(str(certs / "ca.pem")), timeout=5, retries=0
+    )
     for c in (plain, no_cert):
         with pytest.raises(Unavailable):
             c.list_banks()
+        c.close()
+
+
+def test_the_shard_endpoint_serves_tls_too(service, certs):
+    """--shard-endpoints with TLS: the shard's own server takes the same certificates."""
+    front = client(service, certs)
+    (shard,) = front.shard_map()
+    assert shard.endpoint.startswith("127.0.0.1:") and shard.endpoint != service.address
+    via_shard = client(service, certs, address=shard.endpoint)
+    via_shard.create_bank("via-shard", kv_heads=3, head_dim=64, capacity_tokens=4096)
+    assert "via-shard" in [b.name for b in front.list_banks()]
+    via_shard.delete_bank("via-shard")
+    plain = MemoryClient(shard.endpoint, KEY, timeout=5, retries=0)
+    with pytest.raises(Unavailable):
+        plain.list_banks()
+    for c in (front, via_shard, plain):
         c.close()
 
 
@@ -248,8 +276,12 @@ def test_metrics_endpoint(service, certs):
     with pytest.raises(Exception):  # noqa: B017  (NotFound: an error, counted as one)
         c.describe_bank("missing")
     tokens, deadline = ("longmem_bank_tokens", (("tenant", "alice"),)), time.monotonic() + 10
-    while (after := scrape(service)).get(tokens) != 800 and time.monotonic() < deadline:
-        time.sleep(0.2)  # the bank gauges refresh every 5 s
+    shard = (("shard", "0"),)
+    wal = ("longmem_wal_bytes", shard)
+    while (after := scrape(service)).get(tokens) != 800 or after.get(wal, 0) == 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the bank gauges refresh every 5 s, the shard's every 0.5 s
     search = (("method", "Search"), ("tenant", "alice"))
     ok = ("longmem_requests_total", (("code", "OK"), *search))
     assert after[ok] - before.get(ok, 0) == 3
@@ -266,6 +298,11 @@ def test_metrics_endpoint(service, certs):
     assert after[("longmem_banks", (("tenant", "bob"),))] == 0
     assert after[("longmem_shard_up", (("shard", "0"),))] == 1
     assert after[("longmem_shard_restarts_total", (("shard", "0"),))] == 0
+    # no snapshot yet: the shard's log holds the 800 tokens' keys and values (float16)
+    assert after[wal] >= 2 * keys.numel() * 2
+    assert 0 <= after[("longmem_wal_replay_seconds", shard)] < 10
+    (info,) = c.shard_map()
+    assert info.wal_bytes >= after[wal] and info.wal_replay_seconds >= 0
     assert ("process_resident_memory_bytes", ()) in after
     c.delete_bank("metered")
     c.close()
@@ -305,7 +342,9 @@ def test_a_noisy_tenant_does_not_starve_a_quiet_one(service, certs):
         c.close()
     noisy = subprocess.Popen(
         [sys.executable, "-c", NOISY_CLIENTS, service.address, NOISY, str(certs), "16"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     quiet, queries = client(service, certs, QUIET), torch.randn(1, 8, 9, 64)
 
@@ -338,8 +377,8 @@ def test_a_noisy_tenant_does_not_starve_a_quiet_one(service, certs):
 
 
 def test_a_shard_restart_is_counted_and_logged(service, log_lines):
-    """kill -9 of the shard actor: the metrics show it down, then up again with one restart,
-    and the log has both events (runs last: the restarted shard has lost its chunks)."""
+    """kill -9 of the shard actor: the metrics show it down, then up again with one restart
+    and the time its write-ahead log replay took, and the log has both events (runs last)."""
     import ray
 
     def shard_metric(name: str) -> float:
@@ -356,5 +395,6 @@ def test_a_shard_restart_is_counted_and_logged(service, log_lines):
         time.sleep(0.1)
     assert seen_down and shard_metric("longmem_shard_up") == 1
     assert shard_metric("longmem_shard_restarts_total") == restarts + 1
+    assert 0 < shard_metric("longmem_wal_replay_seconds") < 30
     events = [json.loads(line) for line in log_lines]
     assert [e["event"] for e in events if e.get("shard") == 0][-2:] == ["shard down", "shard up"]

@@ -193,7 +193,7 @@ class DescribeServiceRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("index", "available", "node_id", "node_address", "device", "banks", "restored_from_snapshot", "endpoint")
+    __slots__ = ("index", "available", "node_id", "node_address", "device", "banks", "restored_from_snapshot", "endpoint", "wal_bytes", "wal_replay_seconds")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,8 @@ class ShardInfo(_message.Message):
     BANKS_FIELD_NUMBER: _ClassVar[int]
     RESTORED_FROM_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    WAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WAL_REPLAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     index: int
     available: bool
     node_id: str
@@ -210,7 +212,9 @@ class ShardInfo(_message.Message):
     banks: int
     restored_from_snapshot: bool
     endpoint: str
-    def __init__(self, index: _Optional[int] = ..., available: _Optional[bool] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., device: _Optional[str] = ..., banks: _Optional[int] = ..., restored_from_snapshot: _Optional[bool] = ..., endpoint: _Optional[str] = ...) -> None: ...
+    wal_bytes: int
+    wal_replay_seconds: float
+    def __init__(self, index: _Optional[int] = ..., available: _Optional[bool] = ..., node_id: _Optional[str] = ..., node_address: _Optional[str] = ..., device: _Optional[str] = ..., banks: _Optional[int] = ..., restored_from_snapshot: _Optional[bool] = ..., endpoint: _Optional[str] = ..., wal_bytes: _Optional[int] = ..., wal_replay_seconds: _Optional[float] = ...) -> None: ...
 
 class ServiceInfo(_message.Message):
     __slots__ = ("shards",)
