@@ -197,7 +197,9 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                     o.logits.flatten(0, 1).float(), targets.flatten(), reduction="none"
                 )
             weight = 1 + (cfg.recall_weight - 1) * recall.float()
-            ((nll * weight).sum() / weight.sum() / cfg.grad_accum).backward()
+            loss_b = (nll * weight).sum() / weight.sum() / cfg.grad_accum
+            if loss_b.requires_grad:  # not when only the gates train and every bank is empty
+                loss_b.backward()
             step_loss += nll.mean().item() / cfg.grad_accum
             recall_nll += nll[recall].sum().item()
             recall_n += int(recall.sum())
@@ -226,8 +228,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                 "recall_loss": round(recall_nll / recall_n, 4) if recall_n else None,
                 "recall_tokens": recall_n,
                 "seconds": round(elapsed, 1), "memory_seconds": round(memory.seconds, 1),
-                "gate_scale": gates["scale"].mul(1e4).round().div(1e4).tolist(),  # (n_mem, Hq)
-                "gate_bias": gates["bias"].mul(1e4).round().div(1e4).tolist(),
+                **{f"gate_{k}": [[round(x, 4) for x in row] for row in v.tolist()]
+                   for k, v in gates.items()},  # (n_mem, Hq) each
             }) + "\n")
             log.flush()
         bar.set_postfix(

@@ -150,7 +150,8 @@ def test_train_checkpoints_and_resumes(assets, service, tmp_path):
     assert state["step"] == 4 and len(state["streams"]) == 1
     log = [json.loads(line) for line in (tmp_path / "ck.log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # the curve, with the gates' values
-    assert len(log[-1]["gate_scale"]) == len(log[-1]["gate_bias"]) == 4
+    assert [len(row) for row in log[-1]["gate_scale"]] == [4]  # (memory layers, heads)
+    assert [len(row) for row in log[-1]["gate_bias"]] == [4]
     # every step went through the service: the banks hold the streams' current documents
     client = MemoryClient(service.address)
     banks = {b.name: b for b in client.list_banks()}
