@@ -212,6 +212,9 @@ def passkey_trial(
     return PasskeyTrial(stream, window_start, (depth, depth + len(key_ids)), answer)
 
 
+APPEND_BYTES = 32 << 20  # keys + values per append call: well under a request's 64 MiB
+
+
 class SegmentCache:
     """Layer-m keys/values of windows already read, by their tokens: haystack segments are
     shared by every trial (and filler segments repeat), so each is computed once."""
@@ -241,7 +244,8 @@ def read_passkey_memory(
     for lo, start, end in windows(trial.window_start, seg, ctx):
         touches_key = lo < trial.key_span[1] and trial.key_span[0] < end
         pending.append(cache.read(trial.stream[lo:end], start - lo, keep=not touches_key))
-        if len(pending) * seg >= 16384 or end == trial.window_start:  # appends of <= 16k
+        size = sum(2 * k.numel() * k.element_size() for k, _ in pending)
+        if size >= APPEND_BYTES or end == trial.window_start:
             memory.append(bank, torch.cat([k for k, _ in pending]),
                           torch.cat([v for _, v in pending]))
             pending = []
