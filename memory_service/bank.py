@@ -3,6 +3,7 @@
 This module is plain torch: no Ray, no gRPC. The pieces:
 
 - `BankSpec`: the shape and policy of a bank (heads, head dim, chunk size, capacity, dtype).
+- `quantize`/`dequantize`: int8 storage with a scale per (chunk, head).
 - `Chunker`: numbers a stream's tokens into chunks of `chunk_size` in arrival order and holds
   the trailing partial chunk until the next append; it also knows which chunks FIFO eviction
   keeps (the newest `capacity_chunks`).
@@ -27,7 +28,12 @@ import torch
 
 from memory_service.errors import InvalidArgument, NotFound
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "int8": torch.int8,  # per-(chunk, head) scales; retrieved as float32
+}
 INDEX_KINDS = ("exact",)
 EVICTIONS = ("fifo",)
 
@@ -79,13 +85,29 @@ class BankSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The storage dtype of keys and values."""
         return DTYPES[self.dtype]
 
     @property
-    def bytes_per_token(self) -> float:
-        """Stored bytes per token: keys and values, plus the float32 chunk means."""
+    def quantized(self) -> bool:
+        return self.dtype == "int8"
+
+    @property
+    def value_dtype(self) -> torch.dtype:
+        """The dtype chunks travel in to the shards and come back in from a search."""
+        return torch.float32 if self.quantized else self.torch_dtype
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Stored bytes per chunk: keys and values, the float32 chunk means, and with int8
+        the float32 scales of keys and values per head."""
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        return self.kv_heads * self.head_dim * (2 * itemsize + 4 / self.chunk_size)
+        per_head = self.head_dim * (2 * itemsize * self.chunk_size + 4)
+        return self.kv_heads * (per_head + (8 if self.quantized else 0))
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.chunk_bytes / self.chunk_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +138,23 @@ class AppendInfo:
     pending_tokens: int  # the trailing partial chunk, waiting for the next append
     appended_chunks: int  # chunks appended since creation or the last reset
     lost_chunks: int  # of this append's chunks, those a down shard did not take
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per leading index: `x` `(H, C, csz, D)` gives codes
+    `(H, C, csz, D)` int8 and scales `(H, C)` float32, `scale = absmax / 127`. The
+    dequantized `codes * scale` is within `scale / 2` of `x` in every element (up to
+    float32 rounding)."""
+    x = x.float()
+    scale = x.abs().amax(dim=(-2, -1)) / 127  # (H, C)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None, None]
+    codes = torch.round(x / safe).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 `codes * scale`, for codes `(..., csz, D)` and scales `(...)`."""
+    return codes.float() * scale[..., None, None]
 
 
 def check_kv(spec: BankSpec, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -176,8 +215,8 @@ class Chunker:
     def reset(self) -> None:
         self.next_chunk_id = 0  # global id of the next full chunk
         shape = (0, self.spec.kv_heads, self.spec.head_dim)
-        self.pending_keys = torch.empty(shape, dtype=self.spec.torch_dtype)
-        self.pending_values = torch.empty(shape, dtype=self.spec.torch_dtype)
+        self.pending_keys = torch.empty(shape, dtype=self.spec.value_dtype)
+        self.pending_values = torch.empty(shape, dtype=self.spec.value_dtype)
 
     def state(self) -> dict:
         return {
@@ -212,11 +251,12 @@ class Chunker:
     ) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Add tokens `(n, H, D)`; return `(first_id, keys, values)` of the completed chunks.
 
-        The chunk tensors are `(C, chunk_size, H, D)` in the bank dtype; C may be 0.
+        The chunk tensors are `(C, chunk_size, H, D)` in `spec.value_dtype` (the bank dtype,
+        float32 for int8 banks, which the shards quantize); C may be 0.
         """
-        csz = self.spec.chunk_size
-        keys = torch.cat([self.pending_keys, keys.to("cpu", self.spec.torch_dtype)])  # (P+n, H, D)
-        values = torch.cat([self.pending_values, values.to("cpu", self.spec.torch_dtype)])
+        csz, dtype = self.spec.chunk_size, self.spec.value_dtype
+        keys = torch.cat([self.pending_keys, keys.to("cpu", dtype)])  # (P+n, H, D)
+        values = torch.cat([self.pending_values, values.to("cpu", dtype)])
         n_full = keys.shape[0] // csz * csz
         self.pending_keys, self.pending_values = keys[n_full:].clone(), values[n_full:].clone()
         first_id = self.next_chunk_id
@@ -247,6 +287,9 @@ class ChunkStore:
         self.keys = torch.empty(H, S, csz, D, dtype=self.spec.torch_dtype, **kw)  # (H, S, csz, D)
         self.values = torch.empty_like(self.keys)
         self.means = torch.empty(H, S, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
+        if self.spec.quantized:  # (H, S) int8 scales of keys and values per (head, chunk)
+            self.key_scales = torch.empty(H, S, dtype=torch.float32, **kw)
+            self.value_scales = torch.empty_like(self.key_scales)
         self.ids = torch.full((S,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
         self.used = 0  # slots [0, used) have been written; the rest were never filled
         self.oldest_live_id = 0
@@ -262,9 +305,15 @@ class ChunkStore:
         self.evict_below(live[0])
         self.end_id = live[1]
 
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The per-(head, slot) tensors of this store."""
+        scales = ("key_scales", "value_scales") if self.spec.quantized else ()
+        return ("keys", "values", "means", *scales)
+
     def state(self) -> dict:
         """Everything needed to rebuild this store (for snapshots), on the CPU."""
-        tensors = {k: getattr(self, k)[:, : self.used].cpu() for k in ("keys", "values", "means")}
+        tensors = {k: getattr(self, k)[:, : self.used].cpu() for k in self.tensor_names}
         return {
             "spec": self.spec.to_dict(),
             "shard": self.shard,
@@ -279,7 +328,7 @@ class ChunkStore:
     def from_state(cls, state: dict, device: str = "cpu") -> ChunkStore:
         store = cls(BankSpec(**state["spec"]), state["shard"], state["n_shards"], device)
         used = store.used = state["used"]
-        for k in ("keys", "values", "means"):
+        for k in store.tensor_names:
             getattr(store, k)[:, :used] = state[k].to(device)
         store.ids[:used] = state["ids"].to(device)
         store.oldest_live_id = state["oldest_live_id"]
@@ -296,8 +345,8 @@ class ChunkStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of keys, values and search keys in the slots written so far."""
-        return self.used * self.spec.chunk_size * round(self.spec.bytes_per_token)
+        """Bytes of keys, values, search keys (and scales) in the slots written so far."""
+        return self.used * self.spec.chunk_bytes
 
     def add(
         self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, oldest_live_id: int
@@ -312,9 +361,13 @@ class ChunkStore:
             return
         slots = ((ids // self.n_shards) % self.slots).to(self.device)
         keys = keys.to(self.device).permute(2, 0, 1, 3)  # (H, c, csz, D)
-        self.keys[:, slots] = keys
-        self.values[:, slots] = values.to(self.device).permute(2, 0, 1, 3)
-        self.means[:, slots] = keys.float().mean(2)  # (H, c, D)
+        values = values.to(self.device).permute(2, 0, 1, 3)
+        self.means[:, slots] = keys.float().mean(2)  # (H, c, D), from the keys as given
+        if self.spec.quantized:
+            keys, self.key_scales[:, slots] = quantize(keys)
+            values, self.value_scales[:, slots] = quantize(values)
+        self.keys[:, slots] = keys.to(self.spec.torch_dtype)
+        self.values[:, slots] = values.to(self.spec.torch_dtype)
         self.ids[slots] = ids.to(self.device)
         self.used = max(self.used, int(slots.max()) + 1)
 
@@ -354,7 +407,8 @@ class ChunkStore:
         return unflat(scores), unflat(ids)
 
     def gather(self, heads: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `(U, csz, D)` of chunks `ids` `(U,)` on kv heads `heads` `(U,)`."""
+        """Keys and values `(U, csz, D)` of chunks `ids` `(U,)` on kv heads `heads` `(U,)`, in
+        `spec.value_dtype` (int8 banks dequantize)."""
         slots = (ids // self.n_shards) % self.slots
         if ids.numel() and (
             bool((ids % self.n_shards != self.shard).any())
@@ -365,7 +419,11 @@ class ChunkStore:
         ):
             raise NotFound("some requested chunks are not (or no longer) on this shard")
         heads, slots = heads.to(self.device), slots.to(self.device)
-        return self.keys[heads, slots], self.values[heads, slots]
+        keys, values = self.keys[heads, slots], self.values[heads, slots]
+        if self.spec.quantized:
+            keys = dequantize(keys, self.key_scales[heads, slots])
+            values = dequantize(values, self.value_scales[heads, slots])
+        return keys, values
 
 
 def merge_topk(

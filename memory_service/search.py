@@ -31,7 +31,8 @@ _ID_BITS = 40  # chunk ids below 2**40; (bank, kv head) pairs above
 class SearchResult:
     """Retrieved memory for every (bank, query, query head), best chunk first.
 
-    keys, values: `(B, n, Hq, top_k * chunk_size, D)` in the bank dtype, zero where invalid.
+    keys, values: `(B, n, Hq, top_k * chunk_size, D)` in the bank dtype (float32 for int8
+    banks), zero where invalid.
     scores: `(B, n, Hq, top_k)` float32 inner products, -inf where invalid.
     chunk_ids: `(B, n, Hq, top_k)` int64 global chunk ids, -1 where invalid.
     valid: `(B, n, Hq, top_k)` bool. A bank with fewer than `top_k` live chunks returns all
@@ -146,8 +147,8 @@ def sharded_search(
         keys, values = gathered[next(iter(wanted))]
     else:
         shape = (rows.shape[0], spec.chunk_size, spec.head_dim)
-        keys = torch.empty(shape, dtype=spec.torch_dtype)
-        values = torch.empty(shape, dtype=spec.torch_dtype)
+        keys = torch.empty(shape, dtype=spec.value_dtype)
+        values = torch.empty(shape, dtype=spec.value_dtype)
         for s, mask in wanted.items():
             keys[mask], values[mask] = gathered[s]
     return CompactResult(scores, ids, slots, keys, values, missing)

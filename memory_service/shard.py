@@ -154,8 +154,8 @@ class Shard:
             k, v = stores[banks[0]].gather(rows[:, 1], rows[:, 2])
             return k.cpu(), v.cpu()
         shape = (rows.shape[0], spec.chunk_size, spec.head_dim)
-        keys = torch.empty(shape, dtype=spec.torch_dtype)
-        values = torch.empty(shape, dtype=spec.torch_dtype)
+        keys = torch.empty(shape, dtype=spec.value_dtype)
+        values = torch.empty(shape, dtype=spec.value_dtype)
         for b in banks:
             sel = rows[:, 0] == b
             k, v = stores[b].gather(rows[sel, 1], rows[sel, 2])

@@ -34,6 +34,7 @@ TORCH_OF = {
     pb.FLOAT32: torch.float32,
     pb.INT32: torch.int32,
     pb.INT64: torch.int64,
+    pb.INT8: torch.int8,
 }
 WIRE_OF = {v: k for k, v in TORCH_OF.items()}
 NAME_OF = {WIRE_OF[t]: name for name, t in DTYPES.items()}  # the bank dtypes

@@ -1,0 +1,87 @@
+"""Bank storage and retention policies, in process: int8 storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memory_service.bank import BankSpec, dequantize, quantize
+from memory_service.client import InProcessClient
+
+H, HQ, D, CSZ = 3, 9, 64, 4  # SmolLM2's grouped-query shape
+
+
+def kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys/values with a different magnitude per head, exactly representable in float16."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.1, 1.0, 30.0]).view(1, H, 1)
+    keys = (torch.randn(tokens, H, D, generator=g) * scale).half().float()
+    values = (torch.randn(tokens, H, D, generator=g) * scale).half().float()
+    return keys, values
+
+
+def bound(x: torch.Tensor) -> torch.Tensor:
+    """The documented error bound of int8 storage, per element of chunks `(C, csz, H, D)`:
+    half of the (chunk, head) scale `absmax / 127` (and float32 rounding)."""
+    return (x.abs().amax(dim=(1, 3), keepdim=True) / 127 / 2).expand_as(x)
+
+
+def test_quantize_round_trip_within_half_a_scale():
+    x = torch.randn(4, 50, CSZ, D) * torch.logspace(-3, 3, 50).view(1, 50, 1, 1)
+    x[0, 0] = 0  # an all-zero chunk has scale 0 and comes back exact
+    codes, scale = quantize(x)
+    assert codes.dtype == torch.int8 and scale.shape == (4, 50)
+    err = (dequantize(codes, scale) - x).abs()
+    assert bool((err <= scale[..., None, None] / 2 * (1 + 1e-4)).all())
+    assert float(err[0, 0].max()) == 0.0
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_int8_bank_retrieves_within_the_bound_and_ranks_like_float16(shards):
+    keys, values = kv(CSZ * 120 + 3)
+    results = {}
+    for dtype in ("float16", "int8"):
+        client = InProcessClient(n_shards=shards)
+        client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype=dtype)
+        for part in torch.split(torch.arange(keys.shape[0]), 97):
+            client.append("b", keys[part], values[part])
+        queries = torch.randn(1, 8, HQ, D, generator=torch.Generator().manual_seed(1))
+        results[dtype] = client.search(["b"], queries, top_k=120)  # every chunk
+    f16, q8 = results["float16"], results["int8"]
+    assert torch.equal(q8.chunk_ids, f16.chunk_ids)  # search keys are the same float32 means
+    torch.testing.assert_close(q8.scores, f16.scores, rtol=0, atol=0)
+    assert q8.keys.dtype == torch.float32 and q8.valid.all()
+    # every retrieved chunk is within half a scale of what was appended
+    n = 120 * CSZ
+    stored = {"keys": keys[:n], "values": values[:n]}
+    for name, x in stored.items():
+        chunks = x.view(120, CSZ, H, D)
+        limit = bound(chunks)
+        got = getattr(q8, name)[0].view(8, HQ, 120, CSZ, D)
+        for qh in (0, 4, 8):
+            h = qh // (HQ // H)
+            ids = q8.chunk_ids[0, :, qh]  # (8, 120)
+            err = (got[:, qh] - chunks[ids, :, h]).abs()
+            assert bool((err <= limit[ids, :, h] * (1 + 1e-4)).all()), (name, qh)
+
+
+def test_int8_size_and_snapshot(tmp_path):
+    spec = BankSpec(kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int8")
+    assert spec.bytes_per_token == H * (D * (2 * CSZ + 4) + 8) / CSZ == 582  # float16: 960
+    client = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
+    client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int8")
+    keys, values = kv(CSZ * 40)
+    client.append("b", keys, values)
+    assert client.describe_bank("b").bytes == 40 * 582 * CSZ
+    client.snapshot()
+    restored = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
+    queries = torch.randn(1, 5, HQ, D)
+    a, b = client.search(["b"], queries, 8), restored.search(["b"], queries, 8)
+    assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.values, b.values)
+
+
+def test_int8_spec_travels_on_the_wire():
+    from memory_service.wire import spec_from_wire, spec_to_wire
+
+    spec = BankSpec(kv_heads=H, head_dim=D, dtype="int8")
+    assert spec_from_wire(spec_to_wire(spec)) == spec
