@@ -6,7 +6,8 @@ This module is plain torch: no Ray, no gRPC. The pieces:
 - `quantize`/`dequantize`: int8 storage with a scale per (chunk, head).
 - `Chunker`: numbers a stream's tokens into chunks of `chunk_size` in arrival order and holds
   the trailing partial chunk until the next append; it also knows which chunks FIFO eviction
-  keeps (the newest `capacity_chunks`).
+  keeps (the newest `capacity_chunks`). It tags each token with the document its append
+  named, if any (`Documents`), so a document can be forgotten.
 - `ChunkStore`: the chunks one shard holds (all of them when there is one shard): a ring
   buffer with exact search over the chunk means and a gather of chunk keys/values.
 
@@ -42,6 +43,7 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 4096
 MAX_CHUNK_SIZE = 1024
 MAX_CAPACITY_TOKENS = 1 << 36
+MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_BLOCK_SCORES = 1 << 25  # score-matrix entries computed at once (128 MiB of float32)
 
@@ -113,6 +115,20 @@ class BankSpec:
         return asdict(self)
 
 
+# The documents of chunks `(C, csz)`: names, and per token the index of its document in them;
+# names[0] is "", no document.
+Documents = tuple[list[str], torch.Tensor]
+
+
+def check_document(document: str, required: bool = False) -> str:
+    """Raise InvalidArgument unless `document` is a string id ("" for none, unless required)."""
+    if not isinstance(document, str) or len(document) > MAX_DOCUMENT_CHARS:
+        raise InvalidArgument(f"a document id is a string of at most {MAX_DOCUMENT_CHARS} chars")
+    if required and not document:
+        raise InvalidArgument("name the document to delete")
+    return document
+
+
 @dataclass(frozen=True)
 class BankInfo:
     """A bank's spec, size and state (`describe_bank`, and the answer to create and reset)."""
@@ -128,6 +144,7 @@ class BankInfo:
     shards: int
     bytes: int  # memory held across all shards
     created_at: float  # unix seconds
+    deleted_chunks: int = 0  # chunks in the live range removed by DeleteDocument
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,14 @@ class AppendInfo:
     pending_tokens: int  # the trailing partial chunk, waiting for the next append
     appended_chunks: int  # chunks appended since creation or the last reset
     lost_chunks: int  # of this append's chunks, those a down shard did not take
+
+
+@dataclass(frozen=True)
+class DeleteInfo:
+    """What `delete_document` removed."""
+
+    deleted_chunks: int  # searchable chunks holding any token of the document
+    deleted_pending_tokens: int  # its tokens in the trailing partial chunk
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,17 +242,28 @@ class Chunker:
         shape = (0, self.spec.kv_heads, self.spec.head_dim)
         self.pending_keys = torch.empty(shape, dtype=self.spec.value_dtype)
         self.pending_values = torch.empty(shape, dtype=self.spec.value_dtype)
+        self.pending_docs: list[str] = []  # the document of each pending token ("" none)
 
     def state(self) -> dict:
         return {
             "next_chunk_id": self.next_chunk_id,
             "pending_keys": self.pending_keys,
             "pending_values": self.pending_values,
+            "pending_docs": list(self.pending_docs),
         }
 
     def load_state(self, state: dict) -> None:
         self.next_chunk_id = state["next_chunk_id"]
         self.pending_keys, self.pending_values = state["pending_keys"], state["pending_values"]
+        self.pending_docs = list(state.get("pending_docs") or [""] * self.pending_tokens)
+
+    def forget(self, document: str) -> int:
+        """Drop the pending tokens of `document`; return how many there were."""
+        keep = [d != document for d in self.pending_docs]
+        mask = torch.tensor(keep, dtype=torch.bool)
+        self.pending_keys, self.pending_values = self.pending_keys[mask], self.pending_values[mask]
+        self.pending_docs = [d for d in self.pending_docs if d != document]
+        return len(keep) - len(self.pending_docs)
 
     def expected_chunks(self, shard: int, n_shards: int) -> int:
         """Live chunks that shard `shard` of `n_shards` should hold (ids g % n_shards == shard)."""
@@ -247,22 +283,35 @@ class Chunker:
         return max(0, self.next_chunk_id - self.spec.capacity_chunks)
 
     def push(
-        self, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """Add tokens `(n, H, D)`; return `(first_id, keys, values)` of the completed chunks.
+        self, keys: torch.Tensor, values: torch.Tensor, document: str = ""
+    ) -> tuple[int, torch.Tensor, torch.Tensor, Documents | None]:
+        """Add tokens `(n, H, D)` of `document` ("" for none); return `(first_id, keys,
+        values, documents)` of the completed chunks (`documents` None when no token of
+        them has one).
 
         The chunk tensors are `(C, chunk_size, H, D)` in `spec.value_dtype` (the bank dtype,
         float32 for int8 banks, which the shards quantize); C may be 0.
         """
         csz, dtype = self.spec.chunk_size, self.spec.value_dtype
+        old_docs = self.pending_docs
         keys = torch.cat([self.pending_keys, keys.to("cpu", dtype)])  # (P+n, H, D)
         values = torch.cat([self.pending_values, values.to("cpu", dtype)])
         n_full = keys.shape[0] // csz * csz
         self.pending_keys, self.pending_values = keys[n_full:].clone(), values[n_full:].clone()
+        head = old_docs[:n_full]  # documents of the completed tokens that were pending
+        rest = keys.shape[0] - max(n_full, len(old_docs))  # new tokens left pending
+        self.pending_docs = old_docs[n_full:] + [document] * rest
         first_id = self.next_chunk_id
         self.next_chunk_id += n_full // csz
         shape = (n_full // csz, csz, self.spec.kv_heads, self.spec.head_dim)
-        return first_id, keys[:n_full].view(shape), values[:n_full].view(shape)
+        documents = None
+        if any(head) or (document and n_full > len(head)):
+            names = ["", *dict.fromkeys(d for d in [*head, document] if d)]
+            code = {name: i for i, name in enumerate(names)}
+            codes = torch.full((n_full,), code[document], dtype=torch.int32)
+            codes[: len(head)] = torch.tensor([code[d] for d in head], dtype=torch.int32)
+            documents = names, codes.view(n_full // csz, csz)
+        return first_id, keys[:n_full].view(shape), values[:n_full].view(shape), documents
 
 
 class ChunkStore:
@@ -291,6 +340,9 @@ class ChunkStore:
             self.key_scales = torch.empty(H, S, dtype=torch.float32, **kw)
             self.value_scales = torch.empty_like(self.key_scales)
         self.ids = torch.full((S,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
+        self.forgotten = torch.zeros(S, dtype=torch.bool, **kw)  # (S,) deleted documents
+        self.docs: torch.Tensor | None = None  # (S, csz) int32 code per token, once tagged
+        self.doc_codes: dict[str, int] = {"": 0}  # document id -> code (0: none)
         self.used = 0  # slots [0, used) have been written; the rest were never filled
         self.oldest_live_id = 0
         self.end_id = NO_END
@@ -314,14 +366,19 @@ class ChunkStore:
     def state(self) -> dict:
         """Everything needed to rebuild this store (for snapshots), on the CPU."""
         tensors = {k: getattr(self, k)[:, : self.used].cpu() for k in self.tensor_names}
+        docs = {}
+        if self.docs is not None:
+            docs = {"docs": self.docs[: self.used].cpu(), "doc_names": list(self.doc_codes)}
         return {
             "spec": self.spec.to_dict(),
             "shard": self.shard,
             "n_shards": self.n_shards,
             "ids": self.ids[: self.used].cpu(),
+            "forgotten": self.forgotten[: self.used].cpu(),
             "used": self.used,
             "oldest_live_id": self.oldest_live_id,
             **tensors,
+            **docs,
         }
 
     @classmethod
@@ -331,12 +388,22 @@ class ChunkStore:
         for k in store.tensor_names:
             getattr(store, k)[:, :used] = state[k].to(device)
         store.ids[:used] = state["ids"].to(device)
+        if "forgotten" in state:
+            store.forgotten[:used] = state["forgotten"].to(device)
+        if "docs" in state:
+            store.doc_codes = {name: i for i, name in enumerate(state["doc_names"])}
+            store._doc_codes()[:used] = state["docs"].to(device)
         store.oldest_live_id = state["oldest_live_id"]
         return store
 
     @property
     def live(self) -> torch.Tensor:
         """(S,) bool: slots holding a chunk that eviction has not dropped, below the end."""
+        return self.in_range & ~self.forgotten
+
+    @property
+    def in_range(self) -> torch.Tensor:
+        """(S,) bool: slots holding an id in `[oldest, end)`, deleted or not."""
         return (self.ids >= self.oldest_live_id) & (self.ids < self.end_id)
 
     @property
@@ -344,18 +411,52 @@ class ChunkStore:
         return int(self.live.sum())
 
     @property
+    def n_deleted(self) -> int:
+        """Chunks in the live range that `forget` removed."""
+        return int((self.in_range & self.forgotten).sum())
+
+    def _doc_codes(self) -> torch.Tensor:
+        if self.docs is None:  # the first tagged chunk: untagged ones so far have code 0
+            shape = (self.slots, self.spec.chunk_size)
+            self.docs = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        return self.docs
+
+    def forget(self, document: str) -> int:
+        """Delete every chunk holding a token of `document`; return how many were live."""
+        code = self.doc_codes.get(document)
+        if self.docs is None or code is None:
+            return 0
+        hit = (self.docs[: self.used] == code).any(1)
+        removed = int((hit & self.live[: self.used]).sum())
+        self.forgotten[: self.used] |= hit
+        return removed
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of keys, values, search keys (and scales) in the slots written so far."""
-        return self.used * self.spec.chunk_bytes
+        """Bytes of keys, values, search keys (and scales, document tags) in the slots
+        written so far."""
+        tags = 0 if self.docs is None else 4 * self.spec.chunk_size
+        return self.used * (self.spec.chunk_bytes + tags)
 
     def add(
-        self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, oldest_live_id: int
+        self,
+        ids: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        oldest_live_id: int,
+        documents: Documents | None = None,
     ) -> None:
-        """Store chunks `ids` `(C,)` of this shard, `(C, csz, H, D)`; evict ids below the mark."""
+        """Store chunks `ids` `(C,)` of this shard, `(C, csz, H, D)`, of `documents` (None:
+        untagged); evict ids below the mark."""
         if bool((ids % self.n_shards != self.shard).any()):
             raise InvalidArgument(f"chunks sent to shard {self.shard} belong to another shard")
         keep = ids >= oldest_live_id  # an append larger than the bank keeps only its tail
         ids, keys, values = ids[keep], keys[keep], values[keep]
+        codes = None
+        if documents is not None:
+            names, tags = documents
+            local = torch.tensor([self._doc_code(n) for n in names], dtype=torch.int32)
+            codes = local[tags[keep].long()]  # (c, csz) this store's codes
         self.evict_below(oldest_live_id)
         if ids.numel() == 0:
             return
@@ -369,7 +470,15 @@ class ChunkStore:
         self.keys[:, slots] = keys.to(self.spec.torch_dtype)
         self.values[:, slots] = values.to(self.spec.torch_dtype)
         self.ids[slots] = ids.to(self.device)
+        self.forgotten[slots] = False
+        if codes is not None:
+            self._doc_codes()[slots] = codes.to(self.device)
+        elif self.docs is not None:
+            self.docs[slots] = 0
         self.used = max(self.used, int(slots.max()) + 1)
+
+    def _doc_code(self, name: str) -> int:
+        return self.doc_codes.setdefault(name, len(self.doc_codes))
 
     def search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Local top-k chunks for queries `(n, Hq, D)`.
@@ -382,8 +491,9 @@ class ChunkStore:
         g = Hq // H  # query heads per kv head
         S = self.used  # search the written slots only
         live = self.live[:S]
-        n_dead = S - int(live.sum())  # evicted, not yet overwritten: at most ~1 per shard
-        k = min(top_k + n_dead, S)  # enough candidates to keep top_k live ones
+        n_dead = S - int(live.sum())  # evicted (at most ~1 per shard) or deleted
+        mask_first = n_dead > top_k  # many deleted: mask them before the top-k
+        k = min(top_k if mask_first else top_k + n_dead, S)  # enough to keep top_k live ones
         q = queries.to(self.device, torch.float32).view(n, H, g, D)
         q = q.permute(1, 0, 2, 3).reshape(H, n * g, D)  # (H, n*g, D)
         scores = torch.full((H, n * g, top_k), -math.inf, device=self.device)
@@ -393,9 +503,11 @@ class ChunkStore:
         for start in range(0, n * g if k > 0 else 0, block):
             rows = slice(start, start + block)
             s = torch.bmm(q[:, rows], means_t)  # (H, b, S)
+            if mask_first:
+                s.masked_fill_(~live, -math.inf)
             top = s.topk(k, dim=-1)  # (H, b, k)
             top_scores = top.values.masked_fill(~live[top.indices], -math.inf)
-            if n_dead:  # drop dead candidates, keep the best top_k live ones
+            if n_dead and not mask_first:  # drop dead candidates, keep the best top_k live
                 best = top_scores.topk(min(top_k, k), dim=-1)
                 top_scores, slots = best.values, top.indices.gather(-1, best.indices)
             else:
@@ -414,6 +526,7 @@ class ChunkStore:
             bool((ids % self.n_shards != self.shard).any())
             or int(slots.max()) >= self.used
             or bool((self.ids[slots] != ids).any())
+            or bool(self.forgotten[slots].any())
             or int(ids.min()) < self.oldest_live_id
             or int(ids.max()) >= self.end_id
         ):

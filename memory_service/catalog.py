@@ -17,6 +17,11 @@ or nowhere: if a shard does not take its chunks, the stream position goes back a
 append fails (chunks other shards took lie past the stream end, so they are never served,
 and the next append overwrites them). Nothing is acknowledged before the shards' and the
 catalog's records are on disk (`LogTickets`, waited for by the engine).
+
+`delete_document` forgets a document: every shard deletes the chunks holding any of its
+tokens (and logs that), and the catalog drops its tokens from the trailing partial chunk.
+Without a log, the deletion is made durable by a snapshot of every shard, so a restart can
+never bring the chunks back.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from pathlib import Path
 
 import torch
 
-from memory_service.bank import AppendInfo, BankInfo, BankSpec, Chunker, check_kv
+from memory_service.bank import (
+    AppendInfo,
+    BankInfo,
+    BankSpec,
+    Chunker,
+    DeleteInfo,
+    Documents,
+    check_document,
+    check_kv,
+)
 from memory_service.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -142,6 +156,7 @@ class Catalog:
                     "next_chunk_id": header["next_chunk_id"],
                     "pending_keys": keys,
                     "pending_values": values,
+                    "pending_docs": header.get("pending_docs"),
                 }
             )
 
@@ -231,6 +246,7 @@ class Catalog:
         live = self._live(entry)
         per_shard = self.call("describe", {s: (entry.key, live) for s in range(self.n_shards)})
         chunks = sum(d["chunks"] for d in per_shard.values())
+        deleted = sum(d["deleted"] for d in per_shard.values())
         expected = sum(entry.chunker.expected_chunks(s, self.n_shards) for s in per_shard)
         return BankInfo(
             name=entry.name,
@@ -240,37 +256,33 @@ class Catalog:
             pending_tokens=entry.chunker.pending_tokens,
             appended_chunks=entry.chunker.next_chunk_id,
             evicted_chunks=oldest,
-            lost_chunks=expected - chunks,
+            lost_chunks=expected - chunks - deleted,
             shards=self.n_shards,
             bytes=sum(d["bytes"] for d in per_shard.values()),
             created_at=entry.created_at,
+            deleted_chunks=deleted,
         )
 
     def append(
-        self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
+        self,
+        tenant: Tenant,
+        name: str,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        document: str = "",
     ) -> tuple[AppendInfo, LogTickets]:
-        """Append tokens `(n, kv_heads, head_dim)` in stream order to a bank; also return
-        the log records to wait for before acknowledging it."""
+        """Append tokens `(n, kv_heads, head_dim)` of `document` ("" for none) in stream
+        order to a bank; also return the log records to wait for before acknowledging it."""
         entry = self._entry(tenant, name)
         check_kv(entry.spec, keys, values)
+        check_document(document)
         if self.wal is None:
-            return self._append_unlogged(entry, keys, values), LogTickets()
+            return self._append_unlogged(entry, keys, values, document), LogTickets()
         before = entry.chunker.state()
-        first_id, k, v = entry.chunker.push(keys, values)
+        first_id, k, v, docs = entry.chunker.push(keys, values, document)
         try:
-            _, shards = self._deal(entry, first_id, k, v, partial=False)
-            position = {
-                "op": "position",
-                "tenant": entry.tenant,
-                "name": entry.name,
-                "generation": entry.generation,
-                "next_chunk_id": entry.chunker.next_chunk_id,
-            }
-            pending = (entry.chunker.pending_keys, entry.chunker.pending_values)
-            try:
-                seq = self.wal.append(position, pending)
-            except OSError as e:
-                raise Unavailable(f"the catalog cannot write its log: {e}") from None
+            _, shards = self._deal(entry, first_id, k, v, docs, partial=False)
+            seq = self._log_position(entry)
         except BaseException:
             entry.chunker.load_state(before)  # applied nowhere: past the end on the shards
             raise
@@ -282,14 +294,30 @@ class Catalog:
         )
         return info, LogTickets(seq, {s: q for s, q in shards.items() if q is not None})
 
+    def _log_position(self, entry: BankEntry) -> int:
+        """Log a bank's stream position and trailing partial chunk; the record's number."""
+        position = {
+            "op": "position",
+            "tenant": entry.tenant,
+            "name": entry.name,
+            "generation": entry.generation,
+            "next_chunk_id": entry.chunker.next_chunk_id,
+            "pending_docs": entry.chunker.pending_docs,
+        }
+        pending = (entry.chunker.pending_keys, entry.chunker.pending_values)
+        try:
+            return self.wal.append(position, pending)
+        except OSError as e:
+            raise Unavailable(f"the catalog cannot write its log: {e}") from None
+
     def _append_unlogged(
-        self, entry: BankEntry, keys: torch.Tensor, values: torch.Tensor
+        self, entry: BankEntry, keys: torch.Tensor, values: torch.Tensor, document: str
     ) -> AppendInfo:
         """Durability `none`: the stream position is saved before the chunks go out, so a
         chunk a shard did not take (it was down) shows as lost, never as present."""
-        first_id, k, v = entry.chunker.push(keys, values)
+        first_id, k, v, docs = entry.chunker.push(keys, values, document)
         self._save()
-        sent, taken = self._deal(entry, first_id, k, v, partial=True)
+        sent, taken = self._deal(entry, first_id, k, v, docs, partial=True)
         lost = sum(n for s, n in sent.items() if s not in taken)
         if lost:
             log.warning(
@@ -306,15 +334,46 @@ class Catalog:
         )
 
     def _deal(
-        self, entry: BankEntry, first_id: int, k: torch.Tensor, v: torch.Tensor, partial: bool
+        self,
+        entry: BankEntry,
+        first_id: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        docs: Documents | None,
+        partial: bool,
     ) -> tuple[dict[int, int], dict[int, int | None]]:
         """Send each shard its chunks: how many each was sent, and the answers of those
         that took them (their log sequence numbers)."""
         oldest = entry.chunker.oldest_live_id
-        parts = split_chunks(first_id, k, v, self.n_shards)
-        args = {s: (entry.key, entry.spec, *p, oldest) for s, p in enumerate(parts) if len(p[0])}
+        parts = split_chunks(first_id, k, v, self.n_shards, docs)
+        args = {
+            s: (entry.key, entry.spec, ids, keys, values, oldest, docs)
+            for s, (ids, keys, values, docs) in enumerate(parts)
+            if len(ids)
+        }
         taken = self.call("add", args, partial=partial) if args else {}
         return {s: len(a[2]) for s, a in args.items()}, taken
+
+    def delete_document(
+        self, tenant: Tenant, name: str, document: str
+    ) -> tuple[DeleteInfo, LogTickets]:
+        """Remove every chunk of a bank holding a token of `document`, and its pending
+        tokens; also return the log records to wait for. Every shard must answer (a down
+        shard fails the call with Unavailable; it is safe to retry)."""
+        entry = self._entry(tenant, name)
+        check_document(document, required=True)
+        live = self._live(entry)
+        args = {s: (entry.key, live, document) for s in range(self.n_shards)}
+        answers = self.call("forget", args)
+        pending = entry.chunker.forget(document)
+        seq = None
+        if self.wal is not None:
+            seq = self._log_position(entry) if pending else None
+        elif self.snapshot_dir:  # no log: only a snapshot keeps a restart from undoing it
+            self.snapshot()
+        info = DeleteInfo(sum(n for n, _ in answers.values()), pending)
+        shards = {s: q for s, (_, q) in answers.items() if q is not None}
+        return info, LogTickets(seq, shards)
 
     def wait_durable(self, seq: int) -> None:
         """Return once catalog log record `seq` is on disk."""

@@ -17,7 +17,7 @@ import grpc
 import torch
 
 from memory_service import errors, wire
-from memory_service.bank import AppendInfo, BankInfo, BankSpec
+from memory_service.bank import AppendInfo, BankInfo, BankSpec, DeleteInfo
 from memory_service.engine import MemoryEngine
 from memory_service.search import SearchResult
 from memory_service.shard import ShardInfo, ShardSnapshot
@@ -50,9 +50,16 @@ class InProcessClient:
     def describe_bank(self, name: str) -> BankInfo:
         return self.engine.describe_bank(self.tenant, name)
 
-    def append(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> AppendInfo:
-        """Append `(n_tokens, kv_heads, head_dim)` keys and values in stream order."""
-        return self.engine.append(self.tenant, name, keys, values)
+    def append(
+        self, name: str, keys: torch.Tensor, values: torch.Tensor, document: str = ""
+    ) -> AppendInfo:
+        """Append `(n_tokens, kv_heads, head_dim)` keys and values in stream order, as
+        tokens of `document` (an id for `delete_document`; "" for none)."""
+        return self.engine.append(self.tenant, name, keys, values, document)
+
+    def delete_document(self, name: str, document: str) -> DeleteInfo:
+        """Remove every chunk of the bank holding a token of `document`."""
+        return self.engine.delete_document(self.tenant, name, document)
 
     def search(self, names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
         """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`."""
@@ -152,10 +159,20 @@ class MemoryClient:
     def describe_bank(self, name: str) -> BankInfo:
         return wire.info_from_wire(self._rpc("DescribeBank", pb.BankRef(name=name), retry=True))
 
-    def append(self, name: str, keys: torch.Tensor, values: torch.Tensor) -> AppendInfo:
-        """Append `(n_tokens, kv_heads, head_dim)` keys and values in stream order."""
-        request = pb.AppendRequest(bank=name, keys=wire.encode(keys), values=wire.encode(values))
+    def append(
+        self, name: str, keys: torch.Tensor, values: torch.Tensor, document: str = ""
+    ) -> AppendInfo:
+        """Append `(n_tokens, kv_heads, head_dim)` keys and values in stream order, as
+        tokens of `document` (an id for `delete_document`; "" for none)."""
+        request = pb.AppendRequest(
+            bank=name, keys=wire.encode(keys), values=wire.encode(values), document=document
+        )
         return wire.append_from_wire(self._rpc("Append", request))
+
+    def delete_document(self, name: str, document: str) -> DeleteInfo:
+        """Remove every chunk of the bank holding a token of `document`."""
+        request = pb.DeleteDocumentRequest(bank=name, document=document)
+        return wire.delete_from_wire(self._rpc("DeleteDocument", request))
 
     def search(self, names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
         """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`."""

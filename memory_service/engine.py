@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from memory_service.bank import AppendInfo, BankInfo, BankSpec, check_queries
-from memory_service.catalog import Catalog
+from memory_service.bank import AppendInfo, BankInfo, BankSpec, DeleteInfo, check_queries
+from memory_service.catalog import Catalog, LogTickets
 from memory_service.errors import InvalidArgument, Unavailable
 from memory_service.search import CompactResult, ShardCall, sharded_search
 from memory_service.shard import Shard, ShardInfo, ShardSnapshot
@@ -50,8 +50,15 @@ class Engine(Protocol):
     def describe_bank(self, tenant: Tenant, name: str) -> BankInfo: ...
 
     def append(
-        self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
+        self,
+        tenant: Tenant,
+        name: str,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        document: str = "",
     ) -> AppendInfo: ...
+
+    def delete_document(self, tenant: Tenant, name: str, document: str) -> DeleteInfo: ...
 
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int
@@ -121,11 +128,27 @@ class MemoryEngine:
         return self.core("describe_bank", tenant, name)
 
     def append(
-        self, tenant: Tenant, name: str, keys: torch.Tensor, values: torch.Tensor
+        self,
+        tenant: Tenant,
+        name: str,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        document: str = "",
     ) -> AppendInfo:
-        """Append, then wait until its log records are on disk (durability other than
-        `none`) before acknowledging it."""
-        info, tickets = self.core("append", tenant, name, keys, values)
+        """Append (the tokens of `document`, "" for none), then wait until its log records
+        are on disk (durability other than `none`) before acknowledging it."""
+        info, tickets = self.core("append", tenant, name, keys, values, document)
+        self._wait_durable(tickets, "append")
+        return info
+
+    def delete_document(self, tenant: Tenant, name: str, document: str) -> DeleteInfo:
+        """Remove every chunk of bank `name` holding a token of `document`; acknowledged
+        once logged (durability other than `none`)."""
+        info, tickets = self.core("delete_document", tenant, name, document)
+        self._wait_durable(tickets, "deletion")
+        return info
+
+    def _wait_durable(self, tickets: LogTickets, what: str) -> None:
         try:
             if tickets.shards:
                 self.shards("wait_durable", {s: (q,) for s, q in tickets.shards.items()})
@@ -133,10 +156,9 @@ class MemoryEngine:
                 self.core("wait_durable", tickets.catalog)
         except Unavailable as e:
             raise Unavailable(
-                f"the append was applied but not confirmed on disk ({e.message}); it is "
+                f"the {what} was applied but not confirmed on disk ({e.message}); it is "
                 "replayed with the log if its record was written: see describe_bank"
             ) from None
-        return info
 
     def search(
         self, tenant: Tenant, names: list[str], queries: torch.Tensor, top_k: int

@@ -38,6 +38,7 @@ from memory_service.wire import (
     SEARCH_PART_BYTES,
     append_to_wire,
     decode,
+    delete_to_wire,
     info_to_wire,
     search_messages,
     shard_map_to_wire,
@@ -166,7 +167,17 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         with self._answer(context, "Append", True, request.bank) as t:
             keys = decode(request.keys, "keys")
             values = decode(request.values, "values")
-            return append_to_wire(self.engine.append(t, request.bank, keys, values))
+            info = self.engine.append(t, request.bank, keys, values, request.document)
+            return append_to_wire(info)
+
+    def DeleteDocument(self, request, context):
+        with self._answer(context, "DeleteDocument", True, request.bank) as t:
+            info = self.engine.delete_document(t, request.bank, request.document)
+        log.info(
+            "document deleted",
+            extra={"tenant": t.name, "bank": request.bank, "chunks": info.deleted_chunks},
+        )
+        return delete_to_wire(info)
 
     def Search(self, request, context):
         banks = list(request.banks)

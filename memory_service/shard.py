@@ -9,9 +9,9 @@ live range per bank (`LiveRange`: the FIFO mark and the stream end), so a shard 
 from an older snapshot never serves a chunk that has since been evicted, and chunks of an
 append that failed elsewhere (past the end) are never served.
 
-With a durability other than `none` (`memory_service.wal`), every `add` and `drop_bank` is
-logged beside the snapshot before it is acknowledged; `restore` loads the snapshot and
-replays the log, and each snapshot truncates it.
+With a durability other than `none` (`memory_service.wal`), every `add`, `forget` and
+`drop_bank` is logged beside the snapshot before it is acknowledged; `restore` loads the
+snapshot and replays the log, and each snapshot truncates it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memory_service.bank import BankSpec, ChunkStore
+from memory_service.bank import BankSpec, ChunkStore, Documents
 from memory_service.errors import InvalidArgument, NotFound, Unavailable
 from memory_service.files import atomic_write
 from memory_service.wal import WriteAheadLog, check_durability, read_records
@@ -60,14 +60,20 @@ class ShardSnapshot:
 
 
 def split_chunks(
-    first_id: int, keys: torch.Tensor, values: torch.Tensor, n_shards: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Deal chunks `first_id..` `(C, csz, H, D)` to shards: `[(ids, keys, values)]` per shard."""
+    first_id: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    n_shards: int,
+    documents: Documents | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Documents | None]]:
+    """Deal chunks `first_id..` `(C, csz, H, D)` of `documents` to shards:
+    `[(ids, keys, values, documents)]` per shard."""
     ids = torch.arange(first_id, first_id + keys.shape[0])
     out = []
     for shard in range(n_shards):
         mine = ids % n_shards == shard
-        out.append((ids[mine], keys[mine], values[mine]))
+        docs = None if documents is None else (documents[0], documents[1][mine])
+        out.append((ids[mine], keys[mine], values[mine], docs))
     return out
 
 
@@ -99,20 +105,37 @@ class Shard:
         keys: torch.Tensor,
         values: torch.Tensor,
         oldest_live_id: int,
+        documents: Documents | None = None,
     ) -> int | None:
-        """Store chunks `ids` of a bank; with a log, log them too and return the record's
-        sequence number (`wait_durable` returns once it is on disk)."""
+        """Store chunks `ids` of a bank (tagged with `documents`); with a log, log them too
+        and return the record's sequence number (`wait_durable` returns once it is on
+        disk)."""
         store = self.stores.get(bank_key)
         if store is None:
             store = ChunkStore(spec, self.index, self.n_shards, self.device)
-        store.add(ids, keys, values, oldest_live_id)  # checks them first
+        store.add(ids, keys, values, oldest_live_id, documents)  # checks them first
         self.stores[bank_key] = store
+        header = {"op": "add", "bank": bank_key, "spec": spec.to_dict(), "oldest": oldest_live_id}
+        tensors = [ids, keys, values]
+        if documents is not None:
+            header["documents"] = documents[0]
+            tensors.append(documents[1])
+        # the catalog rolls a failed append back: its ids are never served
+        return self._log(header, tensors)
+
+    def forget(self, bank_key: str, live: LiveRange, document: str) -> tuple[int, int | None]:
+        """Delete every chunk of a bank holding a token of `document`: how many were live,
+        and with a log the record's sequence number (see `add`)."""
+        store = self._store(bank_key, live)
+        removed = 0 if store is None else store.forget(document)
+        return removed, self._log({"op": "forget", "bank": bank_key, "document": document})
+
+    def _log(self, header: dict, tensors: list[torch.Tensor] | tuple = ()) -> int | None:
         if self.wal is None:
             return None
-        header = {"op": "add", "bank": bank_key, "spec": spec.to_dict(), "oldest": oldest_live_id}
         try:
-            return self.wal.append(header, (ids, keys, values))
-        except OSError as e:  # the catalog rolls the append back: these ids are never served
+            return self.wal.append(header, tensors)
+        except OSError as e:
             raise Unavailable(f"shard {self.index} cannot write its log: {e}") from None
 
     def wait_durable(self, seq: int) -> None:
@@ -180,8 +203,8 @@ class Shard:
     def describe(self, bank_key: str, live: LiveRange) -> dict:
         store = self._store(bank_key, live)
         if store is None:
-            return {"chunks": 0, "bytes": 0}
-        return {"chunks": store.n_chunks, "bytes": store.nbytes}
+            return {"chunks": 0, "bytes": 0, "deleted": 0}
+        return {"chunks": store.n_chunks, "bytes": store.nbytes, "deleted": store.n_deleted}
 
     # --- snapshots and the log ----------------------------------------------------------
 
@@ -245,10 +268,15 @@ class Shard:
         try:
             if header["op"] == "drop":
                 self.drop_bank(header["bank"])
+            elif header["op"] == "forget":
+                store = self.stores.get(header["bank"])
+                if store is not None:
+                    store.forget(header["document"])
             else:
                 spec = BankSpec(**header["spec"])
-                self.add(header["bank"], spec, *tensors, header["oldest"])
-        except (InvalidArgument, KeyError, TypeError, ValueError, RuntimeError) as e:
+                docs = (header["documents"], tensors[3]) if "documents" in header else None
+                self.add(header["bank"], spec, *tensors[:3], header["oldest"], docs)
+        except (InvalidArgument, KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             log.warning("shard %d skipped a log record it cannot apply: %s", self.index, e)
         finally:
             self.wal = wal

@@ -53,7 +53,7 @@ GROUP_COMMIT_S = 0.002  # at most one fsync per log per this many seconds under 
 FRAME = struct.Struct("<II")  # payload length, CRC32 of the payload
 HEADER = struct.Struct("<I")  # JSON header length, at the start of the payload
 MAX_RECORD_BYTES = (1 << 32) - 1
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()} | {torch.int64: "int64"}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()} | {torch.int64: "int64", torch.int32: "int32"}
 NAMED_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 Record = tuple[dict, list[torch.Tensor]]

@@ -2,8 +2,8 @@
 (`protos/longmem/v1/memory.proto`); the gRPC server and client only call these.
 
 Tensors travel as raw little-endian bytes with dtype and shape (`longmem.v1.Tensor`). A
-message and the dataclass it carries (`BankSpec`, `BankInfo`, `AppendInfo`, `ShardInfo`,
-`ShardSnapshot`) have fields of the same names, so each field is named once, in the
+message and the dataclass it carries (`BankSpec`, `BankInfo`, `AppendInfo`, `DeleteInfo`,
+`ShardInfo`, `ShardSnapshot`) have fields of the same names, so each field is named once, in the
 dataclass. A search answer streams as a header and then its chunk table in parts
 (`search_messages`, `read_search_stream`).
 """
@@ -19,7 +19,7 @@ from dataclasses import MISSING, fields
 
 import torch
 
-from memory_service.bank import DTYPES, AppendInfo, BankInfo, BankSpec
+from memory_service.bank import DTYPES, AppendInfo, BankInfo, BankSpec, DeleteInfo
 from memory_service.errors import InvalidArgument
 from memory_service.search import CompactResult
 from memory_service.shard import ShardInfo, ShardSnapshot
@@ -105,6 +105,14 @@ def append_to_wire(info: AppendInfo) -> pb.AppendResponse:
 
 def append_from_wire(msg: pb.AppendResponse) -> AppendInfo:
     return AppendInfo(**_fields(msg, AppendInfo))
+
+
+def delete_to_wire(info: DeleteInfo) -> pb.DeleteDocumentResponse:
+    return pb.DeleteDocumentResponse(**_fields(info))
+
+
+def delete_from_wire(msg: pb.DeleteDocumentResponse) -> DeleteInfo:
+    return DeleteInfo(**_fields(msg, DeleteInfo))
 
 
 def snapshot_to_wire(shards: Iterable[ShardSnapshot]) -> pb.SnapshotResponse:

@@ -202,7 +202,7 @@ def test_chunk_store_slots_never_collide():
     chunker = Chunker(spec)
     stores = [ChunkStore(spec, s, 3) for s in range(3)]
     for step in range(50):
-        first, k, v = chunker.push(torch.full((1, 1, 2), float(step)), torch.zeros(1, 1, 2))
+        first, k, v, _ = chunker.push(torch.full((1, 1, 2), float(step)), torch.zeros(1, 1, 2))
         for s, store in enumerate(stores):
             ids = torch.arange(first, first + 1)
             mine = ids % 3 == s

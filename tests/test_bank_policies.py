@@ -1,12 +1,15 @@
-"""Bank storage and retention policies, in process: int8 storage."""
+"""Bank storage and retention policies, in process: int8 storage, forgetting documents."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memory_service.bank import BankSpec, dequantize, quantize
+from memory_service.bank import BankSpec, DeleteInfo, dequantize, quantize
 from memory_service.client import InProcessClient
+from memory_service.engine import MemoryEngine
+from memory_service.errors import InvalidArgument, NotFound
+from memory_service.tenancy import Tenant
 
 H, HQ, D, CSZ = 3, 9, 64, 4  # SmolLM2's grouped-query shape
 
@@ -85,3 +88,76 @@ def test_int8_spec_travels_on_the_wire():
 
     spec = BankSpec(kv_heads=H, head_dim=D, dtype="int8")
     assert spec_from_wire(spec_to_wire(spec)) == spec
+
+
+# ------------------------------------------------------------------ forgetting documents
+
+
+def small(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, 2, 8, generator=g), torch.randn(tokens, 2, 8, generator=g)
+
+
+def fill_documents(append) -> None:
+    """Chunks of 4: 0 = aaaa, 1 = aabb, 2 = bbbb, 3-4 no document; pending: aa."""
+    for seed, (n, doc) in enumerate([(6, "a"), (6, "b"), (8, ""), (2, "a")]):
+        append(*small(n, seed), doc)
+
+
+def searched_ids(search) -> set[int]:
+    r = search(torch.randn(1, 5, 4, 8), 16)
+    return set(r.chunk_ids[r.valid].tolist())
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_delete_document_removes_its_chunks_and_pending_tokens(shards):
+    client = InProcessClient(n_shards=shards)
+    client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=4)
+    fill_documents(lambda k, v, doc: client.append("b", k, v, document=doc))
+    assert client.describe_bank("b").pending_tokens == 2
+    assert client.delete_document("b", "a") == DeleteInfo(2, 2)  # chunks 0, 1 and "aa"
+    assert searched_ids(lambda q, k: client.search(["b"], q, k)) == {2, 3, 4}
+    info = client.describe_bank("b")
+    assert (info.chunks, info.deleted_chunks, info.lost_chunks, info.pending_tokens) == (
+        3,
+        2,
+        0,
+        0,
+    )
+    # more deleted chunks than top_k: they are masked before the top-k, never returned
+    r = client.search(["b"], torch.randn(1, 64, 4, 8), 1)
+    assert r.valid.all() and not bool(torch.isin(r.chunk_ids, torch.tensor([0, 1])).any())
+    client.append("b", *small(4, 9), document="a")  # the same id, appended again: kept
+    assert searched_ids(lambda q, k: client.search(["b"], q, k)) == {2, 3, 4, 5}
+    assert client.delete_document("b", "nobody") == DeleteInfo(0, 0)
+    with pytest.raises(InvalidArgument, match="document"):
+        client.delete_document("b", "")
+    with pytest.raises(InvalidArgument, match="document"):
+        client.append("b", *small(4, 9), document=7)
+    with pytest.raises(NotFound):
+        client.delete_document("missing", "a")
+
+
+@pytest.mark.parametrize("durability", ["none", "group"])
+def test_a_restart_does_not_bring_deleted_chunks_back(tmp_path, durability):
+    tenant = Tenant("t", ())
+
+    def engine() -> MemoryEngine:
+        return MemoryEngine.local(2, snapshot_dir=str(tmp_path), durability=durability)
+
+    first = engine()
+    first.create_bank(tenant, "b", BankSpec(kv_heads=2, head_dim=8, chunk_size=4))
+    fill_documents(lambda k, v, doc: first.append(tenant, "b", k, v, doc))
+    first.snapshot()
+    first.append(tenant, "b", *small(3, 7), "a")  # pending "aaaaa": chunk 5 = aaaa
+    assert first.delete_document(tenant, "b", "a") == DeleteInfo(3, 1)
+    again = engine()  # the log (or, without one, the snapshot the deletion took)
+    info = again.describe_bank(tenant, "b")
+    assert (info.chunks, info.deleted_chunks, info.lost_chunks, info.pending_tokens) == (
+        3,
+        3,
+        0,
+        0,
+    )
+    found = again.search(tenant, ["b"], torch.randn(1, 5, 4, 8), 16)
+    assert set(found.chunk_ids[found.chunk_ids >= 0].tolist()) == {2, 3, 4}

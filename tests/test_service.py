@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memory_service.client import InProcessClient, MemoryClient
-from memory_service.errors import NotFound, Unavailable
+from memory_service.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from memory_service.search import CompactResult
 from memory_service.service import start_service
 from memory_service.tenancy import Tenant, TenantTable
@@ -122,6 +122,40 @@ def test_search_stream_reassembles_across_many_parts():
     back = read_search_stream(iter(messages))
     for f in ("scores", "chunk_ids", "slots", "table_keys", "table_values"):
         assert torch.equal(getattr(back, f), getattr(result, f))
+
+
+def test_delete_document_and_int8_over_grpc_equal_in_process(services):
+    """Documents are forgotten through the service as in process, on an int8 bank; the
+    same refusals on both clients."""
+    local = InProcessClient(n_shards=3)
+    remote = MemoryClient(services[3].address, ALICE)
+    g = torch.Generator().manual_seed(11)
+    parts = [(torch.randn(n, 3, 64, generator=g), d) for n, d in [(6, "a"), (10, "b"), (7, "a")]]
+    queries = torch.randn(1, 16, 9, 64, generator=g)
+    deleted, found = [], []
+    for c in (local, remote):
+        c.create_bank("docs", kv_heads=3, head_dim=64, dtype="int8")
+        for keys, doc in parts:
+            c.append("docs", keys, -keys, document=doc)
+        before = c.search(["docs"], queries, top_k=8)
+        deleted.append(c.delete_document("docs", "a"))
+        found.append(c.search(["docs"], queries, top_k=8))
+        hit = set(before.chunk_ids[before.valid].tolist()) & {0, 1, 4}  # chunks with "a"
+        assert hit and not set(found[-1].chunk_ids[found[-1].valid].tolist()) & {0, 1, 4}
+        assert c.describe_bank("docs").deleted_chunks == 3
+        for call, error in (
+            (lambda c=c: c.delete_document("docs", ""), InvalidArgument),
+            (lambda c=c: c.delete_document("docs", "x" * 2000), InvalidArgument),
+            (lambda c=c: c.delete_document("nope", "a"), NotFound),
+        ):
+            with pytest.raises(error):
+                call()
+    assert deleted[0] == deleted[1] and deleted[0].deleted_chunks == 3
+    assert_same(*found)
+    with pytest.raises(PermissionDenied):
+        MemoryClient(services[3].address, READER).delete_document("docs", "b")
+    remote.delete_bank("docs")
+    remote.close()
 
 
 def test_tenant_isolation(services):

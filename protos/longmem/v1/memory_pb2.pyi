@@ -53,7 +53,7 @@ class BankSpec(_message.Message):
     def __init__(self, kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., index: _Optional[str] = ..., eviction: _Optional[str] = ...) -> None: ...
 
 class BankInfo(_message.Message):
-    __slots__ = ("name", "spec", "size_tokens", "chunks", "pending_tokens", "appended_chunks", "evicted_chunks", "shards", "bytes", "created_at", "lost_chunks")
+    __slots__ = ("name", "spec", "size_tokens", "chunks", "pending_tokens", "appended_chunks", "evicted_chunks", "shards", "bytes", "created_at", "lost_chunks", "deleted_chunks")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SIZE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class BankInfo(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LOST_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: BankSpec
     size_tokens: int
@@ -76,7 +77,8 @@ class BankInfo(_message.Message):
     bytes: int
     created_at: float
     lost_chunks: int
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[BankSpec, _Mapping]] = ..., size_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., appended_chunks: _Optional[int] = ..., evicted_chunks: _Optional[int] = ..., shards: _Optional[int] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., lost_chunks: _Optional[int] = ...) -> None: ...
+    deleted_chunks: int
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[BankSpec, _Mapping]] = ..., size_tokens: _Optional[int] = ..., chunks: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., appended_chunks: _Optional[int] = ..., evicted_chunks: _Optional[int] = ..., shards: _Optional[int] = ..., bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., lost_chunks: _Optional[int] = ..., deleted_chunks: _Optional[int] = ...) -> None: ...
 
 class CreateBankRequest(_message.Message):
     __slots__ = ("name", "spec")
@@ -107,14 +109,16 @@ class ListBanksResponse(_message.Message):
     def __init__(self, banks: _Optional[_Iterable[_Union[BankInfo, _Mapping]]] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("bank", "keys", "values")
+    __slots__ = ("bank", "keys", "values", "document")
     BANK_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     bank: str
     keys: Tensor
     values: Tensor
-    def __init__(self, bank: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    document: str
+    def __init__(self, bank: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., document: _Optional[str] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("appended_tokens", "pending_tokens", "appended_chunks", "lost_chunks")
@@ -169,6 +173,22 @@ class SearchResponse(_message.Message):
     table_keys: Tensor
     table_values: Tensor
     def __init__(self, header: _Optional[_Union[SearchHeader, _Mapping]] = ..., row_offset: _Optional[int] = ..., table_keys: _Optional[_Union[Tensor, _Mapping]] = ..., table_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class DeleteDocumentRequest(_message.Message):
+    __slots__ = ("bank", "document")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    document: str
+    def __init__(self, bank: _Optional[str] = ..., document: _Optional[str] = ...) -> None: ...
+
+class DeleteDocumentResponse(_message.Message):
+    __slots__ = ("deleted_chunks", "deleted_pending_tokens")
+    DELETED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    deleted_chunks: int
+    deleted_pending_tokens: int
+    def __init__(self, deleted_chunks: _Optional[int] = ..., deleted_pending_tokens: _Optional[int] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ()

@@ -64,6 +64,11 @@ class MemoryServiceStub:
                 request_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.AppendRequest.SerializeToString,
                 response_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.AppendResponse.FromString,
                 _registered_method=True)
+        self.DeleteDocument = channel.unary_unary(
+                '/longmem.v1.MemoryService/DeleteDocument',
+                request_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.DeleteDocumentRequest.SerializeToString,
+                response_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.DeleteDocumentResponse.FromString,
+                _registered_method=True)
         self.Search = channel.unary_stream(
                 '/longmem.v1.MemoryService/Search',
                 request_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
@@ -115,6 +120,12 @@ class MemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Append(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocument(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +183,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Append,
                     request_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.AppendRequest.FromString,
                     response_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.AppendResponse.SerializeToString,
+            ),
+            'DeleteDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocument,
+                    request_deserializer=protos_dot_longmem_dot_v1_dot_memory__pb2.DeleteDocumentRequest.FromString,
+                    response_serializer=protos_dot_longmem_dot_v1_dot_memory__pb2.DeleteDocumentResponse.SerializeToString,
             ),
             'Search': grpc.unary_stream_rpc_method_handler(
                     servicer.Search,
@@ -351,6 +367,33 @@ class MemoryService:
             '/longmem.v1.MemoryService/Append',
             protos_dot_longmem_dot_v1_dot_memory__pb2.AppendRequest.SerializeToString,
             protos_dot_longmem_dot_v1_dot_memory__pb2.AppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/longmem.v1.MemoryService/DeleteDocument',
+            protos_dot_longmem_dot_v1_dot_memory__pb2.DeleteDocumentRequest.SerializeToString,
+            protos_dot_longmem_dot_v1_dot_memory__pb2.DeleteDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,
