@@ -9,7 +9,8 @@ This module is plain torch: no Ray, no gRPC. The pieces:
   keeps (the newest `capacity_chunks`). It tags each token with the document its append
   named, if any (`Documents`), so a document can be forgotten.
 - `ChunkStore`: the chunks one shard holds (all of them when there is one shard): a ring
-  buffer with exact search over the chunk means and a gather of chunk keys/values.
+  buffer (FIFO eviction) or slots reused least-recently-retrieved first (LRA), with exact
+  search over the chunk means and a gather of chunk keys/values.
 
 Sharding rule: chunk `g` (global id, counted from 0 since the last reset) lives on shard
 `g % n_shards`. Every shard searches every query; `merge_topk` combines the local top chunks
@@ -36,7 +37,7 @@ DTYPES = {
     "int8": torch.int8,  # per-(chunk, head) scales; retrieved as float32
 }
 INDEX_KINDS = ("exact",)
-EVICTIONS = ("fifo",)
+EVICTIONS = ("fifo", "lra")  # oldest first; least recently retrieved first (per shard)
 
 MAX_TOP_K = 4096  # chunks per (query, head); more is a mistake, not a request
 MAX_HEADS = 1024
@@ -139,7 +140,7 @@ class BankInfo:
     chunks: int  # chunks searchable now
     pending_tokens: int  # the trailing partial chunk, waiting for the next append
     appended_chunks: int  # chunks appended since creation or the last reset
-    evicted_chunks: int  # of those, dropped by FIFO eviction
+    evicted_chunks: int  # of those, dropped by eviction (FIFO or LRA)
     lost_chunks: int  # of those, gone with a shard that restarted from an older snapshot
     shards: int
     bytes: int  # memory held across all shards
@@ -271,7 +272,14 @@ class Chunker:
         def below(x: int) -> int:  # ids in [0, x) on this shard
             return max(0, (x - shard + n_shards - 1) // n_shards)
 
+        if self.spec.eviction == "lra":  # a full shard evicts one chunk per chunk it takes
+            return min(below(self.next_chunk_id), math.ceil(self.spec.capacity_chunks / n_shards))
         return below(self.next_chunk_id) - below(self.oldest_live_id)
+
+    def evicted_chunks(self, n_shards: int) -> int:
+        """Chunks appended so far that eviction has dropped."""
+        kept = sum(self.expected_chunks(s, n_shards) for s in range(n_shards))
+        return self.next_chunk_id - kept
 
     @property
     def pending_tokens(self) -> int:
@@ -279,7 +287,10 @@ class Chunker:
 
     @property
     def oldest_live_id(self) -> int:
-        """FIFO eviction: only the newest `capacity_chunks` chunks are kept."""
+        """FIFO eviction: only the newest `capacity_chunks` chunks are kept (LRA: the shards
+        choose, so every id may be live)."""
+        if self.spec.eviction == "lra":
+            return 0
         return max(0, self.next_chunk_id - self.spec.capacity_chunks)
 
     def push(
@@ -317,11 +328,15 @@ class Chunker:
 class ChunkStore:
     """The chunks of one bank that live on shard `shard` of `n_shards`, on `device`.
 
-    A ring buffer of `ceil(capacity_chunks / n_shards)` slots. Chunk `g` sits in slot
+    `ceil(capacity_chunks / n_shards)` slots. FIFO: a ring buffer, chunk `g` sits in slot
     `(g // n_shards) % slots`; two live chunks never share a slot because live ids span fewer
-    than `capacity_chunks` consecutive ids. The buffers are reserved whole and never copied to
-    grow (on the CPU, pages become resident only as slots are written; on a GPU the bank's
-    full capacity is taken up front, like a KV cache). Only slots `[0, used)` are ever read.
+    than `capacity_chunks` consecutive ids. LRA (Attendre's least recently retrieved): every
+    slot has a stamp from a counter that each stored chunk and each gather (a retrieval)
+    advances; a new chunk takes a never-written slot, else that of a deleted or dead chunk,
+    else that of the chunk with the oldest stamp (retrieved least recently, or never and
+    stored first), and `slot_of` maps ids to slots. The buffers are reserved whole and never
+    copied to grow (on the CPU, pages become resident only as slots are written; on a GPU the
+    bank's full capacity is taken up front, like a KV cache). Only slots `[0, used)` are ever read.
     """
 
     def __init__(self, spec: BankSpec, shard: int = 0, n_shards: int = 1, device: str = "cpu"):
@@ -346,6 +361,10 @@ class ChunkStore:
         self.used = 0  # slots [0, used) have been written; the rest were never filled
         self.oldest_live_id = 0
         self.end_id = NO_END
+        self.lra = self.spec.eviction == "lra"
+        self.last_used = torch.zeros(S, dtype=torch.int64) if self.lra else None  # (S,) stamps
+        self.clock = 0  # the next stamp
+        self.slot_of: dict[int, int] = {}  # LRA: chunk id -> slot
 
     def evict_below(self, oldest_live_id: int) -> None:
         """Drop chunks older than the id (the catalog's FIFO mark; it only moves forward)."""
@@ -379,6 +398,7 @@ class ChunkStore:
             "oldest_live_id": self.oldest_live_id,
             **tensors,
             **docs,
+            **({"last_used": self.last_used[: self.used], "clock": self.clock} if self.lra else {}),
         }
 
     @classmethod
@@ -394,6 +414,10 @@ class ChunkStore:
             store.doc_codes = {name: i for i, name in enumerate(state["doc_names"])}
             store._doc_codes()[:used] = state["docs"].to(device)
         store.oldest_live_id = state["oldest_live_id"]
+        if store.lra:
+            store.last_used[:used], store.clock = state["last_used"], state["clock"]
+            held = store.ids[:used].tolist()
+            store.slot_of = {i: slot for slot, i in enumerate(held) if i >= 0}
         return store
 
     @property
@@ -451,6 +475,8 @@ class ChunkStore:
         if bool((ids % self.n_shards != self.shard).any()):
             raise InvalidArgument(f"chunks sent to shard {self.shard} belong to another shard")
         keep = ids >= oldest_live_id  # an append larger than the bank keeps only its tail
+        if self.lra:
+            keep = torch.arange(len(ids)) >= len(ids) - self.slots
         ids, keys, values = ids[keep], keys[keep], values[keep]
         codes = None
         if documents is not None:
@@ -460,7 +486,10 @@ class ChunkStore:
         self.evict_below(oldest_live_id)
         if ids.numel() == 0:
             return
-        slots = ((ids // self.n_shards) % self.slots).to(self.device)
+        if self.lra:
+            slots = self._lra_slots(ids).to(self.device)
+        else:
+            slots = ((ids // self.n_shards) % self.slots).to(self.device)
         keys = keys.to(self.device).permute(2, 0, 1, 3)  # (H, c, csz, D)
         values = values.to(self.device).permute(2, 0, 1, 3)
         self.means[:, slots] = keys.float().mean(2)  # (H, c, D), from the keys as given
@@ -479,6 +508,29 @@ class ChunkStore:
 
     def _doc_code(self, name: str) -> int:
         return self.doc_codes.setdefault(name, len(self.doc_codes))
+
+    def _lra_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """LRA slots for new chunks `ids` (at most `slots` of them), stamped in id order: a
+        chunk already here (a replayed or retried append) keeps its slot; the others take
+        never-written slots, then dead ones, then those retrieved least recently."""
+        slots = [self.slot_of.get(i, -1) for i in ids.tolist()]
+        need = slots.count(-1)
+        free = list(range(self.used, min(self.slots, self.used + need)))
+        if need > len(free):
+            stamps = torch.where(self.live[: self.used].cpu(), self.last_used[: self.used], -1)
+            stamps[[s for s in slots if s >= 0]] = NO_END  # overwritten in place, not evicted
+            free += stamps.topk(need - len(free), largest=False).indices.tolist()
+        spare = iter(free)
+        slots = [s if s >= 0 else next(spare) for s in slots]
+        for slot, new in zip(slots, ids.tolist(), strict=True):
+            old = int(self.ids[slot])
+            if self.slot_of.get(old) == slot:
+                del self.slot_of[old]
+            self.slot_of[new] = slot
+        slots = torch.tensor(slots, dtype=torch.int64)
+        self.last_used[slots] = torch.arange(self.clock, self.clock + len(slots))
+        self.clock += len(slots)
+        return slots
 
     def search(self, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Local top-k chunks for queries `(n, Hq, D)`.
@@ -520,8 +572,12 @@ class ChunkStore:
 
     def gather(self, heads: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `(U, csz, D)` of chunks `ids` `(U,)` on kv heads `heads` `(U,)`, in
-        `spec.value_dtype` (int8 banks dequantize)."""
-        slots = (ids // self.n_shards) % self.slots
+        `spec.value_dtype` (int8 banks dequantize). With LRA, stamps them retrieved now."""
+        if self.lra:  # an id not here gets slot `slots`, which the check below refuses
+            slots = torch.tensor([self.slot_of.get(i, self.slots) for i in ids.tolist()])
+            slots = slots.to(torch.int64)
+        else:
+            slots = (ids // self.n_shards) % self.slots
         if ids.numel() and (
             bool((ids % self.n_shards != self.shard).any())
             or int(slots.max()) >= self.used
@@ -531,6 +587,9 @@ class ChunkStore:
             or int(ids.max()) >= self.end_id
         ):
             raise NotFound("some requested chunks are not (or no longer) on this shard")
+        if self.lra:
+            self.last_used[slots] = self.clock
+            self.clock += 1
         heads, slots = heads.to(self.device), slots.to(self.device)
         keys, values = self.keys[heads, slots], self.values[heads, slots]
         if self.spec.quantized:

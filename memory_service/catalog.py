@@ -242,7 +242,6 @@ class Catalog:
         not evicted) that a shard no longer has, because it restarted from an older snapshot
         or was down when they were appended; they are never served."""
         entry = self._entry(tenant, name)
-        oldest = entry.chunker.oldest_live_id
         live = self._live(entry)
         per_shard = self.call("describe", {s: (entry.key, live) for s in range(self.n_shards)})
         chunks = sum(d["chunks"] for d in per_shard.values())
@@ -255,7 +254,7 @@ class Catalog:
             chunks=chunks,
             pending_tokens=entry.chunker.pending_tokens,
             appended_chunks=entry.chunker.next_chunk_id,
-            evicted_chunks=oldest,
+            evicted_chunks=entry.chunker.evicted_chunks(self.n_shards),
             lost_chunks=expected - chunks - deleted,
             shards=self.n_shards,
             bytes=sum(d["bytes"] for d in per_shard.values()),

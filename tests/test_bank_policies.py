@@ -1,4 +1,5 @@
-"""Bank storage and retention policies, in process: int8 storage, forgetting documents."""
+"""Bank storage and retention policies, in process: int8 storage, forgetting documents,
+least-recently-retrieved eviction."""
 
 from __future__ import annotations
 
@@ -161,3 +162,60 @@ def test_a_restart_does_not_bring_deleted_chunks_back(tmp_path, durability):
     )
     found = again.search(tenant, ["b"], torch.randn(1, 5, 4, 8), 16)
     assert set(found.chunk_ids[found.chunk_ids >= 0].tolist()) == {2, 3, 4}
+
+
+# ------------------------------------------------------------------ LRA eviction
+
+
+def one_hot(ids: list[int], dim: int = 32) -> torch.Tensor:
+    """Chunk i (chunk_size 1, one head) has the key 10 * e_i: a query e_i retrieves it."""
+    return torch.eye(dim)[ids].view(len(ids), 1, dim) * 10
+
+
+def retrieve(client, i: int) -> None:
+    r = client.search(["b"], one_hot([i])[None] / 10, top_k=1)
+    assert r.chunk_ids.flatten().tolist() == [i]
+
+
+def survivors(client) -> list[int]:
+    r = client.search(["b"], torch.zeros(1, 1, 1, 32), top_k=16)
+    return sorted(r.chunk_ids[r.valid].tolist())
+
+
+def append(client, ids: list[int]) -> None:
+    client.append("b", one_hot(ids), one_hot(ids))
+
+
+@pytest.mark.parametrize("eviction", ["lra", "fifo"])
+def test_lra_evicts_the_chunk_retrieved_least_recently(tmp_path, eviction):
+    client = InProcessClient(snapshot_dir=str(tmp_path))
+    spec = dict(kv_heads=1, head_dim=32, chunk_size=1, capacity_tokens=8, eviction=eviction)
+    client.create_bank("b", **spec)
+    append(client, list(range(8)))
+    retrieve(client, 2)
+    retrieve(client, 5)
+    append(client, [8, 9, 10])  # LRA: evicts 0, 1, 3 (never retrieved, stored first)
+    client.snapshot()  # the stamps survive a restart
+    client = InProcessClient(snapshot_dir=str(tmp_path))
+    retrieve(client, 4)
+    append(client, [11, 12, 13, 14])  # LRA: 6, 7 (stored), then 2, then 5 (retrieved)
+    info = client.describe_bank("b")
+    assert (info.chunks, info.evicted_chunks, info.lost_chunks) == (8, 7, 0)
+    if eviction == "lra":
+        assert survivors(client) == [4, 8, 9, 10, 11, 12, 13, 14]
+    else:
+        assert survivors(client) == list(range(7, 15))
+
+
+def test_lra_per_shard_keeps_retrieved_chunks_and_reuses_deleted_slots():
+    client = InProcessClient(n_shards=2)
+    spec = dict(kv_heads=1, head_dim=32, chunk_size=1, capacity_tokens=6, eviction="lra")
+    client.create_bank("b", **spec)
+    append(client, list(range(6)))  # shard 0: 0 2 4, shard 1: 1 3 5
+    for i in (0, 1):
+        retrieve(client, i)
+    client.append("b", one_hot([6]), one_hot([6]), document="gone")  # shard 0: evicts 2
+    assert client.delete_document("b", "gone").deleted_chunks == 1
+    append(client, [7, 8, 9])  # 7 evicts 3, 8 takes 6's deleted slot, 9 evicts 5
+    assert survivors(client) == [0, 1, 4, 7, 8, 9]
+    assert client.describe_bank("b").evicted_chunks == 4  # 10 appended, 6 slots
