@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from memory_service.ann import AnnIndex
 from memory_service.errors import InvalidArgument, NotFound
 
 DTYPES = {
@@ -36,7 +37,7 @@ DTYPES = {
     "float32": torch.float32,
     "int8": torch.int8,  # per-(chunk, head) scales; retrieved as float32
 }
-INDEX_KINDS = ("exact",)
+INDEX_KINDS = ("exact", "ivf_flat", "ivf_pq", "hnsw")  # approximate ones: memory_service.ann
 EVICTIONS = ("fifo", "lra")  # oldest first; least recently retrieved first (per shard)
 
 MAX_TOP_K = 4096  # chunks per (query, head); more is a mistake, not a request
@@ -60,6 +61,10 @@ class BankSpec:
     dtype: str = "float16"
     index: str = "exact"
     eviction: str = "fifo"
+    nlist: int = 1024  # IVF: inverted lists
+    nprobe: int = 32  # IVF: lists searched per query
+    m: int = 16  # IVF-PQ: sub-quantizers (bytes per code); HNSW: neighbours per node
+    ef_search: int = 64  # HNSW: candidate list length while searching
 
     def __post_init__(self) -> None:
         for name, value, limit in (
@@ -67,6 +72,10 @@ class BankSpec:
             ("head_dim", self.head_dim, MAX_HEAD_DIM),
             ("chunk_size", self.chunk_size, MAX_CHUNK_SIZE),
             ("capacity_tokens", self.capacity_tokens, MAX_CAPACITY_TOKENS),
+            ("nlist", self.nlist, 1 << 20),
+            ("nprobe", self.nprobe, self.nlist),
+            ("m", self.m, MAX_HEAD_DIM),
+            ("ef_search", self.ef_search, 1 << 16),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
                 raise InvalidArgument(f"{name} must be an integer in [1, {limit}], got {value!r}")
@@ -81,6 +90,8 @@ class BankSpec:
             raise InvalidArgument(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
         if self.eviction not in EVICTIONS:
             raise InvalidArgument(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        if self.index == "ivf_pq" and self.head_dim % self.m:
+            raise InvalidArgument(f"ivf_pq needs m ({self.m}) to divide head_dim ({self.head_dim})")
 
     @property
     def capacity_chunks(self) -> int:
@@ -102,11 +113,22 @@ class BankSpec:
 
     @property
     def chunk_bytes(self) -> int:
-        """Stored bytes per chunk: keys and values, the float32 chunk means, and with int8
-        the float32 scales of keys and values per head."""
+        """Stored bytes per chunk: keys and values, the float32 chunk means, with int8 the
+        float32 scales of keys and values per head, and an approximate index's share."""
         itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
         per_head = self.head_dim * (2 * itemsize * self.chunk_size + 4)
-        return self.kv_heads * (per_head + (8 if self.quantized else 0))
+        return self.kv_heads * (per_head + (8 if self.quantized else 0) + self.index_bytes)
+
+    @property
+    def index_bytes(self) -> int:
+        """An approximate index's bytes per chunk and head (its label and vector or code;
+        HNSW's base-layer links), once built; 0 for exact search."""
+        return {
+            "exact": 0,
+            "ivf_flat": 8 + 4 * self.head_dim,
+            "ivf_pq": 8 + self.m,
+            "hnsw": 4 * self.head_dim + 8 * self.m + 8,
+        }[self.index]
 
     @property
     def bytes_per_token(self) -> float:
@@ -365,6 +387,7 @@ class ChunkStore:
         self.last_used = torch.zeros(S, dtype=torch.int64) if self.lra else None  # (S,) stamps
         self.clock = 0  # the next stamp
         self.slot_of: dict[int, int] = {}  # LRA: chunk id -> slot
+        self.ann = AnnIndex(self.spec, S) if self.spec.index != "exact" else None
 
     def evict_below(self, oldest_live_id: int) -> None:
         """Drop chunks older than the id (the catalog's FIFO mark; it only moves forward)."""
@@ -418,6 +441,8 @@ class ChunkStore:
             store.last_used[:used], store.clock = state["last_used"], state["clock"]
             held = store.ids[:used].tolist()
             store.slot_of = {i: slot for slot, i in enumerate(held) if i >= 0}
+        if store.ann is not None:  # not saved: rebuilt from the means
+            store.ann.update(store.means, used, torch.arange(used))
         return store
 
     @property
@@ -505,6 +530,8 @@ class ChunkStore:
         elif self.docs is not None:
             self.docs[slots] = 0
         self.used = max(self.used, int(slots.max()) + 1)
+        if self.ann is not None:
+            self.ann.update(self.means, self.used, slots)
 
     def _doc_code(self, name: str) -> int:
         return self.doc_codes.setdefault(name, len(self.doc_codes))
@@ -552,21 +579,27 @@ class ChunkStore:
         ids = torch.full((H, n * g, top_k), -1, dtype=torch.int64, device=self.device)
         means_t = self.means[:, :S].transpose(1, 2)  # (H, D, S)
         block = max(1, SEARCH_BLOCK_SCORES // max(1, H * S))
-        for start in range(0, n * g if k > 0 else 0, block):
-            rows = slice(start, start + block)
-            s = torch.bmm(q[:, rows], means_t)  # (H, b, S)
-            if mask_first:
-                s.masked_fill_(~live, -math.inf)
-            top = s.topk(k, dim=-1)  # (H, b, k)
-            top_scores = top.values.masked_fill(~live[top.indices], -math.inf)
-            if n_dead and not mask_first:  # drop dead candidates, keep the best top_k live
-                best = top_scores.topk(min(top_k, k), dim=-1)
-                top_scores, slots = best.values, top.indices.gather(-1, best.indices)
-            else:
-                slots = top.indices
+        if self.ann is not None and self.ann.ready:  # approximate: candidates, then exact
+            top_scores, slots = self.ann.search(q.cpu(), self.means[:, :S], live, top_k)
             kk = top_scores.shape[-1]
-            scores[:, rows, :kk] = top_scores
-            ids[:, rows, :kk] = torch.where(torch.isfinite(top_scores), self.ids[slots], -1)
+            scores[:, :, :kk] = top_scores.to(self.device)
+            ids[:, :, :kk] = torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)
+        else:
+            for start in range(0, n * g if k > 0 else 0, block):
+                rows = slice(start, start + block)
+                s = torch.bmm(q[:, rows], means_t)  # (H, b, S)
+                if mask_first:
+                    s.masked_fill_(~live, -math.inf)
+                top = s.topk(k, dim=-1)  # (H, b, k)
+                top_scores = top.values.masked_fill(~live[top.indices], -math.inf)
+                if n_dead and not mask_first:  # drop dead candidates, keep the best top_k live
+                    best = top_scores.topk(min(top_k, k), dim=-1)
+                    top_scores, slots = best.values, top.indices.gather(-1, best.indices)
+                else:
+                    slots = top.indices
+                kk = top_scores.shape[-1]
+                scores[:, rows, :kk] = top_scores
+                ids[:, rows, :kk] = torch.where(torch.isfinite(top_scores), self.ids[slots], -1)
         unflat = lambda t: t.view(H, n, g, top_k).permute(1, 0, 2, 3).reshape(n, Hq, top_k)  # noqa: E731
         return unflat(scores), unflat(ids)
 

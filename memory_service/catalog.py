@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from memory_service.ann import faiss_module
 from memory_service.bank import (
     AppendInfo,
     BankInfo,
@@ -200,6 +201,8 @@ class Catalog:
             raise InvalidArgument(f"bank name {name!r} must match {BANK_NAME.pattern}")
         if (tenant.name, name) in self.banks:
             raise AlreadyExists(f"bank {name!r} already exists")
+        if spec.index != "exact":
+            faiss_module()  # FailedPrecondition, saying how to install it, where it is missing
         own = [e for e in self.banks.values() if e.tenant == tenant.name]
         if tenant.max_banks is not None and len(own) >= tenant.max_banks:
             raise ResourceExhausted(

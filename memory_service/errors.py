@@ -40,3 +40,7 @@ class ResourceExhausted(ServiceError):
 
 class Unavailable(ServiceError):
     code = "UNAVAILABLE"
+
+
+class FailedPrecondition(ServiceError):
+    code = "FAILED_PRECONDITION"

@@ -187,7 +187,9 @@ def test_reset_and_delete():
         dict(kv_heads=1, head_dim=-1),
         dict(kv_heads=1, head_dim=4, chunk_size=8, capacity_tokens=4),
         dict(kv_heads=1, head_dim=4, dtype="int4"),
-        dict(kv_heads=1, head_dim=4, index="hnsw"),
+        dict(kv_heads=1, head_dim=4, index="annoy"),
+        dict(kv_heads=1, head_dim=6, index="ivf_pq", m=4),
+        dict(kv_heads=1, head_dim=4, nlist=8, nprobe=9),
         dict(kv_heads=1, head_dim=4, eviction="lru"),
     ],
 )

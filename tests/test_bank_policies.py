@@ -1,5 +1,5 @@
-"""Bank storage and retention policies, in process: int8 storage, forgetting documents,
-least-recently-retrieved eviction."""
+"""Bank storage, retention and search policies, in process: int8 storage, forgetting
+documents, least-recently-retrieved eviction, approximate indexes."""
 
 from __future__ import annotations
 
@@ -219,3 +219,69 @@ def test_lra_per_shard_keeps_retrieved_chunks_and_reuses_deleted_slots():
     append(client, [7, 8, 9])  # 7 evicts 3, 8 takes 6's deleted slot, 9 evicts 5
     assert survivors(client) == [0, 1, 4, 7, 8, 9]
     assert client.describe_bank("b").evicted_chunks == 4  # 10 appended, 6 slots
+
+
+# ------------------------------------------------------------------ approximate indexes
+
+ANN = {
+    "ivf_flat": dict(nlist=8, nprobe=4),
+    "ivf_pq": dict(nlist=8, nprobe=4, m=2),
+    "hnsw": dict(m=8, ef_search=32),
+}
+
+
+@pytest.mark.parametrize("index", sorted(ANN))
+def test_approximate_index_serves_live_chunks_with_exact_scores(index, tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    from memory_service import ann
+
+    monkeypatch.setattr(ann, "HNSW_MIN_CHUNKS", 312)  # as IVF with 8 lists: 39 * 8
+    builds = []
+    build = ann.AnnIndex._build
+    monkeypatch.setattr(
+        ann.AnnIndex,
+        "_build",
+        lambda self, means, used, train: builds.append(train) or build(self, means, used, train),
+    )
+    g = torch.Generator().manual_seed(3)
+    n = 30_000 if index == "ivf_pq" else 1500  # PQ trains 256 centroids: 39 * 256 means
+    D = 8 if index == "ivf_pq" else 16
+    keys = torch.randn(n, 1, D, generator=g)
+    queries = torch.randn(1, 40, 2, D, generator=g)
+    spec = dict(kv_heads=1, head_dim=D, chunk_size=1, capacity_tokens=n // 3)
+    exact, approx = InProcessClient(), InProcessClient(snapshot_dir=str(tmp_path))
+    exact.create_bank("b", **spec)
+    approx.create_bank("b", **spec, index=index, **ANN[index])
+    for i, part in enumerate(torch.split(torch.arange(n), n // 6)):  # 6 appends
+        for c in (exact, approx):
+            c.append("b", keys[part], keys[part], document="gone" if i == 5 else "")
+        if i == 0:  # too few chunks to build the index: exact search
+            assert not builds
+            a = approx.search(["b"], queries, 16)
+            assert torch.equal(a.chunk_ids, exact.search(["b"], queries, 16).chunk_ids)
+    assert builds[0] is True and False in builds  # trained once, rebuilt as FIFO overwrote
+    for c in (exact, approx):
+        c.delete_document("b", "gone")
+    e = exact.search(["b"], queries, 16)
+    means = keys[:, 0].half().float()  # chunk_size 1: a chunk's mean is its stored key
+    approx.snapshot()  # the index is not saved: trained again from the means on restore
+    restored = InProcessClient(snapshot_dir=str(tmp_path))
+    for client in (approx, restored):
+        a = client.search(["b"], queries, 16)
+        # live: not evicted (the newest n/3), not deleted (the last append)
+        ids = a.chunk_ids
+        assert a.valid.all() and 2 * n // 3 <= int(ids.min()) <= int(ids.max()) < 5 * n // 6
+        ref = torch.einsum("nqd,nqkd->nqk", queries[0], means[ids[0]])
+        torch.testing.assert_close(a.scores[0], ref, rtol=1e-5, atol=1e-5)  # exact scores
+        recall = sum(
+            len(set(x.tolist()) & set(y.tolist()))
+            for x, y in zip(ids.view(-1, 16), e.chunk_ids.view(-1, 16), strict=True)
+        ) / e.chunk_ids.numel()
+        assert recall >= 0.6, recall
+
+
+def test_approximate_index_specs():
+    with pytest.raises(InvalidArgument, match="ivf_pq needs m"):
+        BankSpec(kv_heads=1, head_dim=12, index="ivf_pq", m=8)
+    spec = BankSpec(kv_heads=3, head_dim=64, index="ivf_pq")  # label + 16-byte code per head
+    assert spec.bytes_per_token == 960 + 3 * (8 + 16) / 4
