@@ -32,6 +32,7 @@ protos: setup
 bench: setup
 	$(PIP) install -e '.[bench]'
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_ann.py
 	$(PY) benchmarks/bench_shards.py
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_retrieval.py

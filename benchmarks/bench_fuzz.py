@@ -63,6 +63,7 @@ def seeds() -> dict[str, tuple[str, object]]:
         "DescribeBank": pb.BankRef(name="f0"),
         "Append": pb.AppendRequest(bank="f0", keys=encode(keys), values=encode(keys)),
         "Search": pb.SearchRequest(banks=["f0"], queries=encode(queries), top_k=4),
+        "DeleteDocument": pb.DeleteDocumentRequest(bank="f0", document="d0"),
         "Snapshot": pb.SnapshotRequest(),
         "DescribeService": pb.DescribeServiceRequest(),
     }
