@@ -205,6 +205,22 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale[..., None, None]
 
 
+def encode_chunks(
+    spec: BankSpec, keys: torch.Tensor, values: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The stored form of chunks `(C, csz, H, D)`, each tensor `(H, C, ...)` as a
+    `ChunkStore` keeps it: keys and values in the bank dtype (int8 codes and their scales
+    for int8), and the float32 means of the keys as given."""
+    keys, values = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # (H, C, csz, D)
+    out = {"means": keys.float().mean(2)}  # (H, C, D)
+    if spec.quantized:
+        out["keys"], out["key_scales"] = quantize(keys)
+        out["values"], out["value_scales"] = quantize(values)
+    else:
+        out["keys"], out["values"] = keys.to(spec.torch_dtype), values.to(spec.torch_dtype)
+    return out
+
+
 def check_kv(spec: BankSpec, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Raise InvalidArgument unless keys/values are finite `(n_tokens, kv_heads, head_dim)`."""
     for name, t in (("keys", keys), ("values", values)):
@@ -497,12 +513,24 @@ class ChunkStore:
     ) -> None:
         """Store chunks `ids` `(C,)` of this shard, `(C, csz, H, D)`, of `documents` (None:
         untagged); evict ids below the mark."""
+        self.add_encoded(ids, encode_chunks(self.spec, keys, values), oldest_live_id, documents)
+
+    def add_encoded(
+        self,
+        ids: torch.Tensor,
+        encoded: dict[str, torch.Tensor],
+        oldest_live_id: int,
+        documents: Documents | None = None,
+    ) -> None:
+        """`add` for chunks already in their stored form (`encode_chunks`)."""
         if bool((ids % self.n_shards != self.shard).any()):
             raise InvalidArgument(f"chunks sent to shard {self.shard} belong to another shard")
+        if set(encoded) != set(self.tensor_names):
+            raise InvalidArgument(f"encoded chunks need {self.tensor_names}, got {sorted(encoded)}")
         keep = ids >= oldest_live_id  # an append larger than the bank keeps only its tail
         if self.lra:
             keep = torch.arange(len(ids)) >= len(ids) - self.slots
-        ids, keys, values = ids[keep], keys[keep], values[keep]
+        ids = ids[keep]
         codes = None
         if documents is not None:
             names, tags = documents
@@ -515,14 +543,8 @@ class ChunkStore:
             slots = self._lra_slots(ids).to(self.device)
         else:
             slots = ((ids // self.n_shards) % self.slots).to(self.device)
-        keys = keys.to(self.device).permute(2, 0, 1, 3)  # (H, c, csz, D)
-        values = values.to(self.device).permute(2, 0, 1, 3)
-        self.means[:, slots] = keys.float().mean(2)  # (H, c, D), from the keys as given
-        if self.spec.quantized:
-            keys, self.key_scales[:, slots] = quantize(keys)
-            values, self.value_scales[:, slots] = quantize(values)
-        self.keys[:, slots] = keys.to(self.spec.torch_dtype)
-        self.values[:, slots] = values.to(self.spec.torch_dtype)
+        for name, t in encoded.items():
+            getattr(self, name)[:, slots] = t[:, keep].to(self.device)
         self.ids[slots] = ids.to(self.device)
         self.forgotten[slots] = False
         if codes is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from memory_service.bank import BankSpec, ChunkStore, Documents
+from memory_service.bank import BankSpec, ChunkStore, Documents, encode_chunks
 from memory_service.errors import InvalidArgument, NotFound, Unavailable
 from memory_service.files import atomic_write
 from memory_service.wal import WriteAheadLog, check_durability, read_records
@@ -109,19 +109,36 @@ class Shard:
     ) -> int | None:
         """Store chunks `ids` of a bank (tagged with `documents`); with a log, log them too
         and return the record's sequence number (`wait_durable` returns once it is on
-        disk)."""
-        store = self.stores.get(bank_key)
-        if store is None:
-            store = ChunkStore(spec, self.index, self.n_shards, self.device)
-        store.add(ids, keys, values, oldest_live_id, documents)  # checks them first
-        self.stores[bank_key] = store
+        disk). An int8 bank's chunks are logged in their stored form (codes, scales and
+        means: 3/8 of the float32 they arrive in, 3/4 of a float16 bank's log), others as
+        they came."""
+        encoded = encode_chunks(spec, keys, values)
+        self._put(bank_key, spec, ids, encoded, oldest_live_id, documents)  # checks them first
         header = {"op": "add", "bank": bank_key, "spec": spec.to_dict(), "oldest": oldest_live_id}
         tensors = [ids, keys, values]
+        if spec.quantized:
+            header["encoded"] = list(encoded)
+            tensors = [ids, *encoded.values()]
         if documents is not None:
             header["documents"] = documents[0]
             tensors.append(documents[1])
         # the catalog rolls a failed append back: its ids are never served
         return self._log(header, tensors)
+
+    def _put(
+        self,
+        bank_key: str,
+        spec: BankSpec,
+        ids: torch.Tensor,
+        encoded: dict[str, torch.Tensor],
+        oldest_live_id: int,
+        documents: Documents | None,
+    ) -> None:
+        store = self.stores.get(bank_key) or ChunkStore(
+            spec, self.index, self.n_shards, self.device
+        )
+        store.add_encoded(ids, encoded, oldest_live_id, documents)
+        self.stores[bank_key] = store
 
     def forget(self, bank_key: str, live: LiveRange, document: str) -> tuple[int, int | None]:
         """Delete every chunk of a bank holding a token of `document`: how many were live,
@@ -263,6 +280,16 @@ class Shard:
             )
         return restored or replayed > 0
 
+    def _replay_add(self, header: dict, tensors: list[torch.Tensor]) -> None:
+        spec, names = BankSpec(**header["spec"]), header.get("encoded", ["keys", "values"])
+        n = 1 + len(names)  # ids, then the chunk tensors, then the document tags if any
+        docs = (header["documents"], tensors[n]) if "documents" in header else None
+        if "encoded" in header:
+            encoded = dict(zip(names, tensors[1:n], strict=True))
+            self._put(header["bank"], spec, tensors[0], encoded, header["oldest"], docs)
+        else:
+            self.add(header["bank"], spec, *tensors[:3], header["oldest"], docs)
+
     def _replay(self, header: dict, tensors: list[torch.Tensor]) -> None:
         wal, self.wal = self.wal, None  # replayed records are logged already
         try:
@@ -273,9 +300,7 @@ class Shard:
                 if store is not None:
                     store.forget(header["document"])
             else:
-                spec = BankSpec(**header["spec"])
-                docs = (header["documents"], tensors[3]) if "documents" in header else None
-                self.add(header["bank"], spec, *tensors[:3], header["oldest"], docs)
+                self._replay_add(header, tensors)
         except (InvalidArgument, KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
             log.warning("shard %d skipped a log record it cannot apply: %s", self.index, e)
         finally:

@@ -285,3 +285,26 @@ def test_approximate_index_specs():
         BankSpec(kv_heads=1, head_dim=12, index="ivf_pq", m=8)
     spec = BankSpec(kv_heads=3, head_dim=64, index="ivf_pq")  # label + 16-byte code per head
     assert spec.bytes_per_token == 960 + 3 * (8 + 16) / 4
+
+
+def test_int8_log_replays_the_stored_form(tmp_path):
+    """An int8 bank's log holds codes, scales and means (smaller than a float16 bank's log)
+    and replays to the same store."""
+    tenant, keys = Tenant("t", ()), kv(CSZ * 64)[0]
+    sizes, found = {}, {}
+    queries = torch.randn(1, 4, HQ, D)
+    for dtype in ("float16", "int8"):
+        folder = tmp_path / dtype
+        engine = MemoryEngine.local(1, snapshot_dir=str(folder))
+        engine.create_bank(tenant, "b", BankSpec(kv_heads=H, head_dim=D, dtype=dtype))
+        engine.append(tenant, "b", keys, -keys, "doc")
+        sizes[dtype] = (folder / "shard-0-of-1.wal").stat().st_size
+        before = engine.search(tenant, ["b"], queries, 8)
+        found[dtype] = MemoryEngine.local(1, snapshot_dir=str(folder)).search(
+            tenant, ["b"], queries, 8
+        )
+        assert torch.equal(found[dtype].chunk_ids, before.chunk_ids)
+        assert torch.equal(found[dtype].table_keys, before.table_keys)
+        assert torch.equal(found[dtype].table_values, before.table_values)
+    assert sizes["int8"] < 0.8 * sizes["float16"]  # 3 bytes per element against 4
+    assert torch.equal(found["int8"].chunk_ids, found["float16"].chunk_ids)
