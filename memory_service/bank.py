@@ -603,8 +603,9 @@ class ChunkStore:
         block = max(1, SEARCH_BLOCK_SCORES // max(1, H * S))
         if self.ann is not None and self.ann.ready:  # approximate: candidates, then exact
             top_scores, slots = self.ann.search(q.cpu(), self.means[:, :S], live, top_k)
+            top_scores, slots = top_scores.to(self.device), slots.to(self.device)
             kk = top_scores.shape[-1]
-            scores[:, :, :kk] = top_scores.to(self.device)
+            scores[:, :, :kk] = top_scores
             ids[:, :, :kk] = torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)
         else:
             for start in range(0, n * g if k > 0 else 0, block):
