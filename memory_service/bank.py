@@ -498,10 +498,12 @@ class ChunkStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of keys, values, search keys (and scales, document tags) in the slots
-        written so far."""
+        """Bytes of keys, values, search keys (and scales, document tags, the approximate
+        index once built) in the slots written so far."""
         tags = 0 if self.docs is None else 4 * self.spec.chunk_size
-        return self.used * (self.spec.chunk_bytes + tags)
+        unbuilt = self.ann is not None and not self.ann.ready
+        index = self.spec.kv_heads * self.spec.index_bytes if unbuilt else 0
+        return self.used * (self.spec.chunk_bytes + tags - index)
 
     def add(
         self,

@@ -255,11 +255,13 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(index, tmp_path,
     for i, part in enumerate(torch.split(torch.arange(n), n // 6)):  # 6 appends
         for c in (exact, approx):
             c.append("b", keys[part], keys[part], document="gone" if i == 5 else "")
-        if i == 0:  # too few chunks to build the index: exact search
+        if i == 0:  # too few chunks to build the index: exact search, no index bytes
             assert not builds
+            assert approx.describe_bank("b").bytes == exact.describe_bank("b").bytes
             a = approx.search(["b"], queries, 16)
             assert torch.equal(a.chunk_ids, exact.search(["b"], queries, 16).chunk_ids)
     assert builds[0] is True and False in builds  # trained once, rebuilt as FIFO overwrote
+    assert approx.describe_bank("b").bytes > exact.describe_bank("b").bytes
     for c in (exact, approx):
         c.delete_document("b", "gone")
     e = exact.search(["b"], queries, 16)
