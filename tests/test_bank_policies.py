@@ -275,10 +275,13 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(index, tmp_path,
         assert a.valid.all() and 2 * n // 3 <= int(ids.min()) <= int(ids.max()) < 5 * n // 6
         ref = torch.einsum("nqd,nqkd->nqk", queries[0], means[ids[0]])
         torch.testing.assert_close(a.scores[0], ref, rtol=1e-5, atol=1e-5)  # exact scores
-        recall = sum(
-            len(set(x.tolist()) & set(y.tolist()))
-            for x, y in zip(ids.view(-1, 16), e.chunk_ids.view(-1, 16), strict=True)
-        ) / e.chunk_ids.numel()
+        recall = (
+            sum(
+                len(set(x.tolist()) & set(y.tolist()))
+                for x, y in zip(ids.view(-1, 16), e.chunk_ids.view(-1, 16), strict=True)
+            )
+            / e.chunk_ids.numel()
+        )
         assert recall >= 0.6, recall
 
 
