@@ -1,6 +1,7 @@
 """`longmem`: the command line, one command tree rooted here.
 
-`serve`, `keygen` and `memory-demo` are built in this module and need the memory service alone. The
+`serve`, `keygen`, `memory-demo` and `bench` are built in this module and need the memory
+service alone. The
 model's commands (`demo`, `train`, `eval`, `generate`) live in `model_worker.cli`, which is
 imported only when one of them runs (or shows its --help): a memory-only node never loads
 the model code or transformers.
@@ -13,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -229,6 +231,37 @@ def add_memory_demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=cmd_demo)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from memory_service import bench
+    from memory_service.ann import faiss_module
+
+    torch.set_num_threads(args.threads)
+    faiss_module().omp_set_num_threads(args.threads)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = bench.run(Path(args.out), sizes, args.kinds.split(","), args.nprobe_div)
+    print("| tokens | index | recall@16 | search s | exact s | speed-up | append + build s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['tokens']:,} | {r['index']} | {r['recall_at_16']:.3f} | {r['search_s']:.3f} "
+            f"| {r['exact_search_s']:.3f} | {r['speedup']:.1f}x | {r['append_and_build_s']:.1f} |"
+        )
+    print(f"wrote index_scaling.json, search_latency.png and recall.png to {args.out}")
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser(
+        "bench", help="index scaling suite: recall and latency by bank size, JSON and plots"
+    )
+    bench.add_argument("--out", default="bench", help="folder for the JSON and PNG files")
+    bench.add_argument("--sizes", default="65536,262144,1048576", help="bank sizes in tokens")
+    bench.add_argument("--kinds", default="ivf_flat,ivf_pq,hnsw", help="approximate indexes")
+    bench.add_argument("--nprobe-div", type=int, default=32, help="IVF nprobe = nlist // this")
+    bench.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
+    bench.set_defaults(run=cmd_bench)
+
+
 # The model's commands and their one-line help (`model_worker.cli` builds their parsers).
 MODEL_COMMANDS = {
     "demo": "the main job: adapt briefly, then evaluate memory on/off",
@@ -252,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_keygen_parser(sub)
     add_memory_demo_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -44,7 +44,7 @@ def test_help_lists_every_command_without_the_model_code():
     proc = longmem("--help")
     assert proc.returncode == 0, proc.stderr
     listed = re.findall(r"^ {4}(\S+)", proc.stdout, re.MULTILINE)
-    assert listed == [*MODEL_COMMANDS, "serve", "keygen", "memory-demo"]
+    assert listed == [*MODEL_COMMANDS, "serve", "keygen", "memory-demo", "bench"]
     for summary in MODEL_COMMANDS.values():
         assert summary in proc.stdout
     assert "LOADED []" in proc.stdout

@@ -1,0 +1,154 @@
+"""`longmem bench`: the index scaling suite on the machine it runs on, as JSON and PNG plots.
+
+For each bank size, an exact bank and one bank per approximate index get the same tokens in
+one in-process shard (SmolLM2's attention shape: 3 kv heads x 64, 9 query heads, chunks of
+4, float16); each answers the same 128 queries (top 16) three times. A row records the
+median search latency, the exact bank's, the speed-up, recall@16 (the share of the exact
+top-16 chunk ids the index returns), the time to append and build, and bytes per token.
+Keys and queries are Gaussian (no cluster structure: the hard case for IVF).
+
+IVF uses `nlist = min(1024, chunks // 64)` and `nprobe = nlist // nprobe_div`; HNSW `m` 16 and
+`ef_search` 64. Writes `index_scaling.json`, `search_latency.png` and `recall.png` to the
+output folder (the plots need matplotlib: `pip install -e '.[bench]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from memory_service.client import InProcessClient
+
+H, HQ, D, CSZ, TOP_K, N_QUERIES = 3, 9, 64, 4, 16, 128
+KINDS = ("ivf_flat", "ivf_pq", "hnsw")
+APPEND_TOKENS = 65536  # tokens per append while filling a bank
+
+
+def index_params(kind: str, tokens: int, nprobe_div: int) -> dict:
+    """The spec parameters of index `kind` for a bank of `tokens`."""
+    if kind == "hnsw":
+        return {"m": 16, "ef_search": 64}
+    nlist = max(1, min(1024, tokens // CSZ // 64))
+    params = {"nlist": nlist, "nprobe": max(1, nlist // nprobe_div)}
+    return params | ({"m": 16} if kind == "ivf_pq" else {})
+
+
+def fill(client: InProcessClient, tokens: int, **spec) -> float:
+    """Create bank "b" holding `tokens` Gaussian tokens (the same ones for every bank)."""
+    client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, capacity_tokens=tokens, **spec)
+    g = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for start in range(0, tokens, APPEND_TOKENS):
+        keys = torch.randn(min(APPEND_TOKENS, tokens - start), H, D, generator=g)
+        client.append("b", keys, keys)
+    return time.perf_counter() - started
+
+
+def timed_search(client: InProcessClient, queries: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Median seconds of 3 searches, and the chunk ids found."""
+    times, ids = [], torch.empty(0)
+    for _ in range(3):
+        started = time.perf_counter()
+        ids = client.search(["b"], queries, TOP_K).chunk_ids
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), ids
+
+
+def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    pairs = zip(found.view(-1, TOP_K), exact.view(-1, TOP_K), strict=True)
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in pairs) / exact.numel()
+
+
+def run_index_suite(
+    sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True
+) -> list[dict]:
+    """One row per (size, index) (see the module doc)."""
+    queries = torch.randn(1, N_QUERIES, HQ, D, generator=torch.Generator().manual_seed(1))
+    rows = []
+    bar = tqdm(total=len(sizes) * (1 + len(kinds)), desc="bench", disable=not progress)
+    for tokens in sizes:
+        exact = InProcessClient()
+        bar.set_postfix_str(f"{tokens:,} tokens, exact")
+        fill(exact, tokens)
+        exact_s, exact_ids = timed_search(exact, queries)
+        bar.update()
+        for kind in kinds:
+            bar.set_postfix_str(f"{tokens:,} tokens, {kind}")
+            params = index_params(kind, tokens, nprobe_div)
+            client = InProcessClient()
+            build_s = fill(client, tokens, index=kind, **params)
+            latency, ids = timed_search(client, queries)
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "index": kind,
+                    **params,
+                    "recall_at_16": round(recall(ids, exact_ids), 4),
+                    "search_s": round(latency, 4),
+                    "exact_search_s": round(exact_s, 4),
+                    "speedup": round(exact_s / latency, 2),
+                    "append_and_build_s": round(build_s, 2),
+                    "bytes_per_token": client.describe_bank("b").bytes / tokens,
+                }
+            )
+            bar.update()
+    bar.close()
+    return rows
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """`search_latency.png` (exact and each index against bank size) and `recall.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    kinds = sorted({r["index"] for r in rows})
+    paths = []
+    for name, field, label in (
+        ("search_latency.png", "search_s", f"search s ({N_QUERIES} queries x {HQ} heads)"),
+        ("recall.png", "recall_at_16", "recall@16 against exact search"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if field == "search_s":
+            exact = sorted({(r["tokens"], r["exact_search_s"]) for r in rows})
+            ax.plot(*zip(*exact, strict=True), marker="o", label="exact")
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.02)
+        for kind in kinds:
+            points = sorted((r["tokens"], r[field]) for r in rows if r["index"] == kind)
+            ax.plot(*zip(*points, strict=True), marker="o", label=kind)
+        ax.set_xscale("log")
+        ax.set_xlabel("bank tokens")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        paths.append(out / name)
+    return paths
+
+
+def run(
+    out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True
+) -> list[dict]:
+    """Run the suite, write `index_scaling.json` and the plots to `out`; the rows."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown index kinds {sorted(unknown)}; choose from {KINDS}")
+    try:
+        import matplotlib  # noqa: F401  (checked before the suite, not after it)
+    except ImportError:
+        raise ValueError("the plots need matplotlib: pip install -e '.[bench]'") from None
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_index_suite(sizes, kinds, nprobe_div, progress)
+    (out / "index_scaling.json").write_text(json.dumps({"rows": rows}, indent=1))
+    plot(rows, out)
+    return rows
