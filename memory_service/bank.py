@@ -45,6 +45,7 @@ MAX_HEADS = 1024
 MAX_HEAD_DIM = 4096
 MAX_CHUNK_SIZE = 1024
 MAX_CAPACITY_TOKENS = 1 << 36
+MAX_NLIST, MAX_M, MAX_EF_SEARCH = 1 << 16, 256, MAX_TOP_K  # approximate index parameters
 MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_BLOCK_SCORES = 1 << 25  # score-matrix entries computed at once (128 MiB of float32)
@@ -72,10 +73,10 @@ class BankSpec:
             ("head_dim", self.head_dim, MAX_HEAD_DIM),
             ("chunk_size", self.chunk_size, MAX_CHUNK_SIZE),
             ("capacity_tokens", self.capacity_tokens, MAX_CAPACITY_TOKENS),
-            ("nlist", self.nlist, 1 << 20),
+            ("nlist", self.nlist, MAX_NLIST),
             ("nprobe", self.nprobe, self.nlist),
-            ("m", self.m, MAX_HEAD_DIM),
-            ("ef_search", self.ef_search, 1 << 16),
+            ("m", self.m, MAX_M),
+            ("ef_search", self.ef_search, MAX_EF_SEARCH),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:
                 raise InvalidArgument(f"{name} must be an integer in [1, {limit}], got {value!r}")

@@ -190,6 +190,7 @@ def test_reset_and_delete():
         dict(kv_heads=1, head_dim=4, index="annoy"),
         dict(kv_heads=1, head_dim=6, index="ivf_pq", m=4),
         dict(kv_heads=1, head_dim=4, nlist=8, nprobe=9),
+        dict(kv_heads=1, head_dim=4, index="hnsw", m=300),
         dict(kv_heads=1, head_dim=4, eviction="lru"),
     ],
 )
