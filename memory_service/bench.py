@@ -2,14 +2,16 @@
 
 For each bank size, an exact bank and one bank per approximate index get the same tokens in
 one in-process shard (SmolLM2's attention shape: 3 kv heads x 64, 9 query heads, chunks of
-4, float16); each answers the same 128 queries (top 16) three times. A row records the
-median search latency, the exact bank's, the speed-up, recall@16 (the share of the exact
-top-16 chunk ids the index returns), the time to append and build, and bytes per token.
-Keys and queries are Gaussian (no cluster structure: the hard case for IVF).
+4, float16); each answers the same 128 queries (top 16) three times, then runs
+`GEN_STEPS` generation steps (a search for one token's queries, then that token's append:
+the memory round trip per generated token). A row records the median search latency, the
+exact bank's, the speed-up, recall@16 (the share of the exact top-16 chunk ids the index
+returns), the median generation step of both, the time to append and build, and bytes per
+token. Keys and queries are Gaussian (no cluster structure: the hard case for IVF).
 
 IVF uses `nlist = min(1024, chunks // 64)` and `nprobe = nlist // nprobe_div`; HNSW `m` 16 and
-`ef_search` 64. Writes `index_scaling.json`, `search_latency.png` and `recall.png` to the
-output folder (the plots need matplotlib: `pip install -e '.[bench]'`).
+`ef_search` 64. Writes `index_scaling.json`, `search_latency.png`, `recall.png` and
+`generation_step.png` to the output folder (the plots need matplotlib: `pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from memory_service.client import InProcessClient
 H, HQ, D, CSZ, TOP_K, N_QUERIES = 3, 9, 64, 4, 16, 128
 KINDS = ("ivf_flat", "ivf_pq", "hnsw")
 APPEND_TOKENS = 65536  # tokens per append while filling a bank
+GEN_STEPS = 32
 
 
 def index_params(kind: str, tokens: int, nprobe_div: int) -> dict:
@@ -59,6 +62,19 @@ def timed_search(client: InProcessClient, queries: torch.Tensor) -> tuple[float,
     return statistics.median(times), ids
 
 
+def step_ms(client: InProcessClient) -> float:
+    """Median milliseconds of a generation step: search one token's queries, append it."""
+    g = torch.Generator().manual_seed(2)
+    queries, kv = torch.randn(1, 1, HQ, D, generator=g), torch.randn(1, H, D, generator=g)
+    times = []
+    for _ in range(GEN_STEPS):
+        started = time.perf_counter()
+        client.search(["b"], queries, TOP_K)
+        client.append("b", kv, kv)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1e3, 3)
+
+
 def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
     pairs = zip(found.view(-1, TOP_K), exact.view(-1, TOP_K), strict=True)
     return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in pairs) / exact.numel()
@@ -76,6 +92,7 @@ def run_index_suite(
         bar.set_postfix_str(f"{tokens:,} tokens, exact")
         fill(exact, tokens)
         exact_s, exact_ids = timed_search(exact, queries)
+        exact_step = step_ms(exact)
         bar.update()
         for kind in kinds:
             bar.set_postfix_str(f"{tokens:,} tokens, {kind}")
@@ -92,6 +109,8 @@ def run_index_suite(
                     "search_s": round(latency, 4),
                     "exact_search_s": round(exact_s, 4),
                     "speedup": round(exact_s / latency, 2),
+                    "step_ms": step_ms(client),
+                    "exact_step_ms": exact_step,
                     "append_and_build_s": round(build_s, 2),
                     "bytes_per_token": client.describe_bank("b").bytes / tokens,
                 }
@@ -102,7 +121,8 @@ def run_index_suite(
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
-    """`search_latency.png` (exact and each index against bank size) and `recall.png`."""
+    """`search_latency.png`, `recall.png` and `generation_step.png` (exact and each index
+    against bank size)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,14 +133,15 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     for name, field, label in (
         ("search_latency.png", "search_s", f"search s ({N_QUERIES} queries x {HQ} heads)"),
         ("recall.png", "recall_at_16", "recall@16 against exact search"),
+        ("generation_step.png", "step_ms", "ms per generated token (search + append)"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
-        if field == "search_s":
-            exact = sorted({(r["tokens"], r["exact_search_s"]) for r in rows})
+        if field == "recall_at_16":
+            ax.set_ylim(0, 1.02)
+        else:
+            exact = sorted({(r["tokens"], r[f"exact_{field}"]) for r in rows})
             ax.plot(*zip(*exact, strict=True), marker="o", label="exact")
             ax.set_yscale("log")
-        else:
-            ax.set_ylim(0, 1.02)
         for kind in kinds:
             points = sorted((r["tokens"], r[field]) for r in rows if r["index"] == kind)
             ax.plot(*zip(*points, strict=True), marker="o", label=kind)

@@ -239,20 +239,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     faiss_module().omp_set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = bench.run(Path(args.out), sizes, args.kinds.split(","), args.nprobe_div)
-    print("| tokens | index | recall@16 | search s | exact s | speed-up | append + build s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "| tokens | index | recall@16 | search s | exact s | speed-up | step ms | exact step ms "
+        "| append + build s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['tokens']:,} | {r['index']} | {r['recall_at_16']:.3f} | {r['search_s']:.3f} "
-            f"| {r['exact_search_s']:.3f} | {r['speedup']:.1f}x | {r['append_and_build_s']:.1f} |"
+            f"| {r['exact_search_s']:.3f} | {r['speedup']:.1f}x | {r['step_ms']:.1f} "
+            f"| {r['exact_step_ms']:.1f} | {r['append_and_build_s']:.1f} |"
         )
-    print(f"wrote index_scaling.json, search_latency.png and recall.png to {args.out}")
+    print(
+        f"wrote index_scaling.json and the plots (search latency, recall, generation step) "
+        f"to {args.out}"
+    )
     return 0
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
-        "bench", help="index scaling suite: recall and latency by bank size, JSON and plots"
+        "bench",
+        help="index scaling suite: recall, search and generation latency by bank size, "
+        "JSON and plots",
     )
     bench.add_argument("--out", default="bench", help="folder for the JSON and PNG files")
     bench.add_argument("--sizes", default="65536,262144,1048576", help="bank sizes in tokens")

@@ -327,7 +327,8 @@ def test_longmem_bench_writes_json_and_plots(tmp_path):
     assert (row["tokens"], row["index"], row["nlist"], row["nprobe"]) == (4096, "ivf_flat", 16, 8)
     assert 0 < row["recall_at_16"] <= 1 and row["search_s"] > 0
     assert json.loads((tmp_path / "index_scaling.json").read_text())["rows"] == rows
-    for name in ("search_latency.png", "recall.png"):
+    assert row["step_ms"] > 0 and row["exact_step_ms"] > 0
+    for name in ("search_latency.png", "recall.png", "generation_step.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="unknown index kinds"):
         bench.run(tmp_path, [4096], ["flat"])
