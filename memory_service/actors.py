@@ -17,6 +17,7 @@ never hold up the next call.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,7 @@ class ShardActor(Shard):
         # Ray limits an actor that claims no CPU to one thread; a search wants the node's cores
         torch.set_num_threads(os.cpu_count() or 1)
         super().__init__(index, n_shards, "cuda" if torch.cuda.is_available() else "cpu")
+        self.incarnation = uuid.uuid4().hex  # new in every process Ray (re)starts the actor in
         self.restored = bool(snapshot_dir) and self.restore(snapshot_dir, durability)
         self.endpoint = None
         if endpoint is not None:  # the whole API, served from this shard's node too
@@ -67,9 +69,10 @@ class ShardActor(Shard):
             self.endpoint = advertised(address)
 
     @ray.method(concurrency_group="health")
-    def ping(self) -> tuple[int, float]:
-        """Alive; answers `wal_stats()` (log bytes, last replay seconds) for the metrics."""
-        return self.wal_stats()
+    def ping(self) -> tuple[str, int, float]:
+        """Alive; answers which start of the actor this is and `wal_stats()` (log bytes, last
+        replay seconds), for the metrics."""
+        return self.incarnation, *self.wal_stats()
 
     @ray.method(concurrency_group="durable")
     def wait_durable(self, seq: int) -> None:

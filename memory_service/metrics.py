@@ -9,7 +9,7 @@ Per gRPC method and tenant (`tenant="-"` before a key is recognised):
 
 Per tenant: `longmem_banks`, `longmem_bank_tokens` and `longmem_bank_bytes` (gauges, kept
 by the service every few seconds). Per shard: `longmem_shard_up` (1 or 0),
-`longmem_shard_restarts_total` (down, then up again), and the write-ahead log's
+`longmem_shard_restarts_total` (answers from a new actor process), and the write-ahead log's
 `longmem_wal_bytes` and `longmem_wal_replay_seconds` (gauges, `set_wal`: each shard answers
 the service's health check with them). The process's own `process_*` metrics (memory,
 CPU, open files) come with the exposition.
@@ -36,7 +36,7 @@ BANK_TOKENS = prom.Gauge("longmem_bank_tokens", "tokens held in a tenant's banks
 BANK_BYTES = prom.Gauge("longmem_bank_bytes", "bytes held in a tenant's banks", ["tenant"])
 SHARD_UP = prom.Gauge("longmem_shard_up", "1 while the shard answers its health check", ["shard"])
 SHARD_RESTARTS = prom.Counter(
-    "longmem_shard_restarts", "times the shard came back after being down", ["shard"]
+    "longmem_shard_restarts", "times Ray restarted the shard's actor", ["shard"]
 )
 WAL_BYTES = prom.Gauge("longmem_wal_bytes", "size of the shard's write-ahead log", ["shard"])
 WAL_REPLAY = prom.Gauge(
@@ -61,13 +61,15 @@ def set_banks(tenant: str, banks: int, tokens: int, size_bytes: int) -> None:
     BANK_BYTES.labels(tenant).set(size_bytes)
 
 
-def set_shard_up(shard: int, up: bool, was_up: bool) -> None:
-    """Shard `shard` is `up` now and was `was_up` at the last check; coming back up after
-    being down counts as a restart."""
+def set_shard_up(shard: int, up: bool) -> None:
+    """Shard `shard` answered the last health check in time (`up`) or not."""
     SHARD_UP.labels(str(shard)).set(1 if up else 0)
     SHARD_RESTARTS.labels(str(shard))  # present (at 0) from the first check on
-    if up and was_up is False:
-        SHARD_RESTARTS.labels(str(shard)).inc()
+
+
+def count_restart(shard: int) -> None:
+    """Shard `shard` answers from a new actor process: Ray restarted it."""
+    SHARD_RESTARTS.labels(str(shard)).inc()
 
 
 def set_wal(shard: int, size_bytes: int, replay_seconds: float | None = None) -> None:

@@ -190,7 +190,9 @@ class Service:
 
     def _health_loop(self) -> None:
         """Ping every shard; a shard that does not answer in time is down until it does.
-        A shard's answer carries its write-ahead log's size and last replay time (metrics)."""
+        A shard's answer names its actor's start (a new one: it restarted) and carries its
+        write-ahead log's size and last replay time (metrics)."""
+        started: dict[int, str] = {}
         while not self._stop.wait(HEALTH_EVERY_S):
             pings = {s: shard.ping.remote() for s, shard in enumerate(self.shards)}
             ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=2.0)
@@ -199,14 +201,17 @@ class Service:
                 try:
                     if ref not in ready:
                         raise GetTimeoutError
-                    wal_bytes, replay_seconds = ray.get(ref)
+                    incarnation, wal_bytes, replay_seconds = ray.get(ref)
                 except (RayActorError, GetTimeoutError):
                     down.add(s)
                 else:
                     metrics.set_wal(s, wal_bytes, replay_seconds)
+                    if started.setdefault(s, incarnation) != incarnation:
+                        started[s] = incarnation
+                        metrics.count_restart(s)
             was_down = self.shard_calls.down
             for s in pings:
-                metrics.set_shard_up(s, s not in down, s not in was_down)
+                metrics.set_shard_up(s, s not in down)
                 if (s in down) != (s in was_down):
                     event = "shard down" if s in down else "shard up"
                     (log.warning if s in down else log.info)(event, extra={"shard": s})

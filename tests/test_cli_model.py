@@ -56,7 +56,7 @@ def one_line_error(capsys, argv: list[str], match: str) -> str:
 def test_parser_has_every_command():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == {
-        "train", "eval", "generate", "demo", "serve", "memory-demo", "keygen"}
+        "train", "eval", "generate", "demo", "serve", "memory-demo", "keygen", "bench"}
 
 
 def test_train_eval_generate(assets, service, checkpoint, capsys, tmp_path):
