@@ -2,7 +2,7 @@
 prompt, streaming tokens as they come.
 
 The document is read as training reads streams: on the reading grid, each segment's
-layer-m keys/values appended to the bank. The prompt and the generated tokens form the
+memory-layer keys/values appended to the bank. The prompt and the generated tokens form the
 local window (after the document's last `context` tokens); when it reaches `segment_len`,
 its older half is read into the bank too, so the memory keeps everything that left the
 window.

@@ -173,7 +173,7 @@ def read_into_bank(
     segment_len: int,
     first: int | None = None,
 ) -> None:
-    """Write the layer-m keys/values of `tokens[first:]` (default: all but the first
+    """Write the memory layers' keys/values of `tokens[first:]` (default: all but the first
     `context` tokens, which are context only) into `bank`, read on the reading grid
     (`data.windows`) as the model reads them (backbone only: it alone makes the memory)."""
     for lo, start, end in windows(len(tokens), segment_len, model.config.context, first):

@@ -464,7 +464,8 @@ def test_a_broken_tenant_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "kv_heads, head_dim, expected",
-    [(3, 64, 960), (16, 64, 5120), (32, 128, 20480)],  # SmolLM2-135M, GPT-2-medium, Llama-2-7B
+    # SmolLM2-135M (one layer, the default band of 10), GPT-2-medium, Llama-2-7B
+    [(3, 64, 960), (30, 64, 9600), (16, 64, 5120), (32, 128, 20480)],
 )
 def test_readme_sizing_matches_the_bank(kv_heads, head_dim, expected):
     from memory_service.bank import BankSpec

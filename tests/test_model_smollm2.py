@@ -73,7 +73,7 @@ def test_untrained_model_is_the_backbone(smol):
 
 
 def test_retrieval_query_and_cached_keys_share_a_space(smol):
-    """Write a segment's own layer-m keys/values into a bank and query with the same
+    """Write a segment's own memory-layer keys/values into a bank and query with the same
     segment (SideNet memory-layer queries, untrained): retrieval finds the token's own
     neighbourhood far more often than chance.
 
