@@ -34,6 +34,7 @@ bench: setup
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_ann.py
 	$(PY) benchmarks/bench_shards.py
+	$(VENV)/bin/longmem bench --suites tenants --out benchmarks/results
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_durability.py

@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
@@ -233,41 +232,45 @@ def add_memory_demo_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from memory_service import bench
-    from memory_service.ann import faiss_module
 
-    torch.set_num_threads(args.threads)
-    faiss_module().omp_set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    rows = bench.run(Path(args.out), sizes, args.kinds.split(","), args.nprobe_div)
-    print(
-        "| tokens | index | recall@16 | search s | exact s | speed-up | step ms | exact step ms "
-        "| append + build s |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['tokens']:,} | {r['index']} | {r['recall_at_16']:.3f} | {r['search_s']:.3f} "
-            f"| {r['exact_search_s']:.3f} | {r['speedup']:.1f}x | {r['step_ms']:.1f} "
-            f"| {r['exact_step_ms']:.1f} | {r['append_and_build_s']:.1f} |"
-        )
-    print(
-        f"wrote index_scaling.json and the plots (search latency, recall, generation step) "
-        f"to {args.out}"
-    )
-    return 0
+    return bench.main(args)
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
-        help="index scaling suite: recall, search and generation latency by bank size, "
-        "JSON and plots",
+        help="scaling suites (indexes, shards, tenants, training-shaped search): JSON and plots",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument(
+        "--suites", default="index,shards,tenants,search", help="suites to run, in this order"
     )
     bench.add_argument("--out", default="bench", help="folder for the JSON and PNG files")
-    bench.add_argument("--sizes", default="65536,262144,1048576", help="bank sizes in tokens")
-    bench.add_argument("--kinds", default="ivf_flat,ivf_pq,hnsw", help="approximate indexes")
-    bench.add_argument("--nprobe-div", type=int, default=32, help="IVF nprobe = nlist // this")
-    bench.add_argument("--threads", type=int, default=1, help="torch and faiss threads")
+    bench.add_argument("--threads", type=int, default=1, help="torch and faiss threads here")
+    bench.add_argument(
+        "--address", help="Ray cluster for shards, tenants and search (none: this machine)"
+    )
+    index = bench.add_argument_group("index")
+    index.add_argument("--sizes", default="65536,262144,1048576", help="bank sizes in tokens")
+    index.add_argument("--kinds", default="ivf_flat,ivf_pq,hnsw", help="approximate indexes")
+    index.add_argument("--nprobe-div", type=int, default=32, help="IVF nprobe = nlist // this")
+    shards = bench.add_argument_group("shards")
+    shards.add_argument("--shards", default="1,2,4", help="shard counts")
+    shards.add_argument("--shard-tokens", type=int, default=1 << 20, help="bank tokens")
+    tenants = bench.add_argument_group("tenants")
+    tenants.add_argument("--tenants", default="1,4,16,64", help="concurrent tenant counts")
+    tenants.add_argument("--tenant-tokens", type=int, default=16384, help="tokens per bank")
+    tenants.add_argument("--requests", type=int, default=32, help="searches per client")
+    tenants.add_argument("--timeout", type=float, default=60.0, help="seconds per search")
+    search = bench.add_argument_group("search")
+    search.add_argument("--search-tokens", type=int, default=65536, help="bank tokens")
+    search.add_argument("--search-iters", type=int, default=30, help="searches timed per path")
+    search.add_argument(
+        "--search-queries",
+        choices=["local", "random"],
+        default="local",
+        help="local: a stretch of the bank re-read with noise; random: independent queries",
+    )
     bench.set_defaults(run=cmd_bench)
 
 

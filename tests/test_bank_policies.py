@@ -3,8 +3,6 @@ documents, least-recently-retrieved eviction, approximate indexes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -316,19 +314,3 @@ def test_int8_log_replays_the_stored_form(tmp_path):
     assert sizes["int8"] < 0.8 * sizes["float16"]  # 3 bytes per element against 4
     assert torch.equal(found["int8"].chunk_ids, found["float16"].chunk_ids)
 
-
-def test_longmem_bench_writes_json_and_plots(tmp_path):
-    pytest.importorskip("faiss")
-    pytest.importorskip("matplotlib")
-    from memory_service import bench
-
-    rows = bench.run(tmp_path, [4096], ["ivf_flat"], nprobe_div=2, progress=False)
-    (row,) = rows  # 1,024 chunks: 16 lists, built
-    assert (row["tokens"], row["index"], row["nlist"], row["nprobe"]) == (4096, "ivf_flat", 16, 8)
-    assert 0 < row["recall_at_16"] <= 1 and row["search_s"] > 0
-    assert json.loads((tmp_path / "index_scaling.json").read_text())["rows"] == rows
-    assert row["step_ms"] > 0 and row["exact_step_ms"] > 0
-    for name in ("search_latency.png", "recall.png", "generation_step.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="unknown index kinds"):
-        bench.run(tmp_path, [4096], ["flat"])

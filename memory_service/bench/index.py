@@ -1,4 +1,4 @@
-"""`longmem bench`: the index scaling suite on the machine it runs on, as JSON and PNG plots.
+"""`index`: exact search against each approximate index by bank size, in process.
 
 For each bank size, an exact bank and one bank per approximate index get the same tokens in
 one in-process shard (SmolLM2's attention shape: 3 kv heads x 64, 9 query heads, chunks of
@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from memory_service.bench.common import CSZ, HQ, TOP_K, D, H, markdown
 from memory_service.client import InProcessClient
 
-H, HQ, D, CSZ, TOP_K, N_QUERIES = 3, 9, 64, 4, 16, 128
+N_QUERIES = 128
 KINDS = ("ivf_flat", "ivf_pq", "hnsw")
 APPEND_TOKENS = 65536  # tokens per append while filling a bank
 GEN_STEPS = 32
@@ -86,7 +87,7 @@ def run_index_suite(
     """One row per (size, index) (see the module doc)."""
     queries = torch.randn(1, N_QUERIES, HQ, D, generator=torch.Generator().manual_seed(1))
     rows = []
-    bar = tqdm(total=len(sizes) * (1 + len(kinds)), desc="bench", disable=not progress)
+    bar = tqdm(total=len(sizes) * (1 + len(kinds)), desc="index", disable=not progress)
     for tokens in sizes:
         exact = InProcessClient()
         bar.set_postfix_str(f"{tokens:,} tokens, exact")
@@ -157,10 +158,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def run(
-    out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True
-) -> list[dict]:
-    """Run the suite, write `index_scaling.json` and the plots to `out`; the rows."""
+def check(kinds: list[str]) -> None:
+    """ValueError unless every kind is an approximate index and matplotlib is there."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown index kinds {sorted(unknown)}; choose from {KINDS}")
@@ -168,8 +167,37 @@ def run(
         import matplotlib  # noqa: F401  (checked before the suite, not after it)
     except ImportError:
         raise ValueError("the plots need matplotlib: pip install -e '.[bench]'") from None
+
+
+def run(
+    out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True
+) -> list[dict]:
+    """Run the suite, write `index_scaling.json` and the plots to `out`; the rows."""
+    check(kinds)
     out.mkdir(parents=True, exist_ok=True)
     rows = run_index_suite(sizes, kinds, nprobe_div, progress)
     (out / "index_scaling.json").write_text(json.dumps({"rows": rows}, indent=1))
     plot(rows, out)
     return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
+    header = ["tokens", "index", "recall@16", "search s", "exact s", "speed-up", "step ms"]
+    return markdown(
+        [*header, "exact step ms", "append + build s"],
+        [
+            [
+                f"{r['tokens']:,}",
+                r["index"],
+                f"{r['recall_at_16']:.3f}",
+                f"{r['search_s']:.3f}",
+                f"{r['exact_search_s']:.3f}",
+                f"{r['speedup']:.1f}x",
+                f"{r['step_ms']:.1f}",
+                f"{r['exact_step_ms']:.1f}",
+                f"{r['append_and_build_s']:.1f}",
+            ]
+            for r in rows
+        ],
+    )

@@ -1,0 +1,108 @@
+"""`longmem bench` at tiny sizes: each suite writes sane JSON rows, its plots and a table.
+The shards, tenants and search suites run for real on a 2-node `ray.cluster_utils.Cluster`
+(passed as `--address`), the service on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from memory_service.cli import main
+
+pytest.importorskip("faiss")
+pytest.importorskip("matplotlib")
+
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, logging_level="WARNING")
+    yield c.address
+    ray.shutdown()
+    c.shutdown()
+
+
+def bench(capsys, tmp_path, *flags: str) -> tuple[list[dict], str]:
+    """Run `longmem bench` with `flags`; the rows of the one JSON it wrote, and stdout."""
+    assert main(["bench", "--out", str(tmp_path), *flags]) == 0
+    (found,) = tmp_path.glob("*.json")
+    return json.loads(found.read_text())["rows"], capsys.readouterr().out
+
+
+def test_index_suite_writes_json_and_plots(tmp_path):
+    from memory_service.bench import index
+
+    rows = index.run(tmp_path, [4096], ["ivf_flat"], nprobe_div=2, progress=False)
+    (row,) = rows  # 1,024 chunks: 16 lists, built
+    assert (row["tokens"], row["index"], row["nlist"], row["nprobe"]) == (4096, "ivf_flat", 16, 8)
+    assert 0 < row["recall_at_16"] <= 1 and row["search_s"] > 0
+    assert json.loads((tmp_path / "index_scaling.json").read_text())["rows"] == rows
+    assert row["step_ms"] > 0 and row["exact_step_ms"] > 0
+    for name in ("search_latency.png", "recall.png", "generation_step.png"):
+        assert (tmp_path / name).read_bytes()[:4] == PNG
+    with pytest.raises(ValueError, match="unknown index kinds"):
+        index.run(tmp_path, [4096], ["flat"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--suites", "index,gpu"], "unknown suites ['gpu']"),
+        (["--shards", "1,0"], "--shards: 0 must be at least 1"),
+        (["--sizes", "65536,1e6"], "--sizes takes comma-separated integers"),
+        (["--tenant-tokens", "1001"], "--tenant-tokens: 1001 must be a multiple of 4"),
+        (["--kinds", "flat"], "unknown index kinds"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_work(capsys, tmp_path, flags, message):
+    out = tmp_path / "out"
+    assert main(["bench", "--out", str(out), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("longmem bench: ") and message in captured.err
+    assert captured.err.count("\n") == 1 and not captured.out
+    assert not out.exists()
+
+
+def test_shards_suite(cluster, capsys, tmp_path):
+    flags = ["--suites", "shards", "--shards", "1,2", "--shard-tokens", "8192"]
+    rows, out = bench(capsys, tmp_path, *flags, "--address", cluster)
+    assert [(r["shards"], r["nodes"]) for r in rows] == [(1, 1), (2, 2)]  # one node per shard
+    for r in rows:
+        assert r["bank_tokens"] == 8192 and r["devices"] == ["cpu"]
+        assert r["queries_per_s"] > 0 and r["append_tokens_per_s"] > 0
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["bytes_per_token"] > 0
+    assert (tmp_path / "shards.png").read_bytes()[:4] == PNG
+    assert "## shards\n| shards | nodes | p50 ms |" in out
+
+
+def test_tenants_suite(cluster, capsys, tmp_path):
+    flags = ["--suites", "tenants", "--tenants", "1,2", "--tenant-tokens", "8192"]
+    rows, out = bench(capsys, tmp_path, *flags, "--requests", "4", "--address", cluster)
+    assert [r["tenants"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["errors"] == 0 and r["searches"] == 4 * r["tenants"]
+        assert r["searches_per_s"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+    assert (tmp_path / "tenants.png").read_bytes()[:4] == PNG
+    assert "## tenants\n| tenants | searches | errors |" in out
+
+
+def test_search_suite(cluster, capsys, tmp_path):
+    flags = ["--suites", "search", "--search-tokens", "8192", "--search-iters", "2"]
+    rows, out = bench(capsys, tmp_path, *flags, "--address", cluster)
+    paths = ["baseline", "bank", "gRPC service", "gRPC service"]
+    assert [r["path"].split(",")[0].split(":")[0] for r in rows] == paths
+    assert rows[0]["p50_vs_baseline"] == 1 and rows[0]["wire_bytes"] == 0
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["queries_per_s"] > 0 and r["p50_vs_baseline"] > 0
+    assert all(r["wire_bytes"] > 0 for r in rows[2:])
+    assert (tmp_path / "search.png").read_bytes()[:4] == PNG
+    assert "## search\n| path | p50 ms |" in out
