@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from memory_service import cli as service_cli
-from memory_service.bank import BankSpec
+from memory_service.bank import DTYPES, BankSpec
 from memory_service.tenancy import DEFAULT_API_KEY
 from memory_service.tls import add_client_args
 from model_worker.backbone import DEFAULT_BACKBONE
@@ -50,7 +50,7 @@ def _config(cls, args: argparse.Namespace):
     kw["memory"] = MemoryConfig(
         address=args.memory, api_key=args.api_key, shards=args.shards,
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        capacity_tokens=args.memory_tokens,
+        capacity_tokens=args.memory_tokens, bank_dtype=args.bank_dtype,
     )
     if "sidenet" in {f.name for f in fields(cls)} and hasattr(args, "k"):
         kw["sidenet"] = SideNetConfig(
@@ -73,6 +73,10 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=2, help="shards of the embedded service")
     p.add_argument(
         "--memory-tokens", type=int, default=BankSpec.capacity_tokens, help="bank capacity"
+    )
+    p.add_argument(
+        "--bank-dtype", default=BankSpec.dtype, choices=sorted(DTYPES),
+        help="how banks store keys and values (int8: per-chunk, per-head scales)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 

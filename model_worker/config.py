@@ -25,3 +25,4 @@ class MemoryConfig:
     tls_key: str | None = None
     shards: int = 2  # shards of the embedded service
     capacity_tokens: int = BankSpec.capacity_tokens  # per bank (stream, document)
+    bank_dtype: str = BankSpec.dtype  # how banks store keys/values: float16, int8, ...

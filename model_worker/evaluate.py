@@ -88,6 +88,7 @@ def _row(cfg: EvalConfig, model: LongMemModel, **kw) -> dict:
         "model": model.backbone_name,
         "checkpoint": cfg.checkpoint,
         "segment_len": cfg.segment_len,
+        "bank_dtype": cfg.memory.bank_dtype,
         **kw,
     }
 
@@ -120,7 +121,7 @@ def eval_perplexity(
     counts = torch.zeros(POSITION_BUCKETS, dtype=torch.float64)
     tokens = held_max = starts = retrieved = 0
     for doc in docs:
-        open_bank(memory, model, bank, cfg.memory.capacity_tokens)
+        open_bank(memory, model, bank, cfg.memory.capacity_tokens, cfg.memory.bank_dtype)
         held = 0
         grid = windows(len(doc.tokens) - 1, seg, ctx)[: cfg.segments]
         for lo, start, end in tqdm(grid, desc=f"perplexity {doc.name}", leave=False, unit="seg"):
@@ -273,7 +274,7 @@ def eval_passkey(
                     tokenizer, haystack, str(rng.randint(10000, 99999)), distance, seg, ctx, rng
                 )
                 held = trial.window_start - ctx
-                open_bank(memory, model, bank, held + (-held % csz))
+                open_bank(memory, model, bank, held + (-held % csz), cfg.memory.bank_dtype)
                 read_passkey_memory(memory, bank, trial, seg, ctx, cache)
                 window = trial.stream[trial.window_start - ctx :]
                 window_len, n_ans = len(window), len(trial.answer)
@@ -363,7 +364,10 @@ def eval_icl(cfg: EvalConfig, model: LongMemModel, memory: Memory, tokenizer) ->
                 cached = train[cfg.icl_shots : cfg.icl_shots + cfg.icl_memory_demos]
                 mem_ids = torch.tensor(encode(tokenizer, icl_demos(task, cached)))
                 capacity = max(len(mem_ids), cfg.segment_len)
-                open_bank(memory, model, bank, capacity + (-capacity % cfg.icl_chunk_size))
+                open_bank(
+                    memory, model, bank, capacity + (-capacity % cfg.icl_chunk_size),
+                    cfg.memory.bank_dtype,
+                )
                 read_into_bank(memory, model, bank, mem_ids, cfg.segment_len)
                 mem_tokens = len(mem_ids)
                 for x, y in tqdm(test[: cfg.icl_test], desc=f"icl {task} seed {seed}",

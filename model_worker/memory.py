@@ -30,6 +30,7 @@ class BankSpec(Protocol):
     head_dim: int
     chunk_size: int
     capacity_tokens: int
+    dtype: str
 
 
 class BankInfo(Protocol):

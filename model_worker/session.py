@@ -150,18 +150,21 @@ def memory_session(cfg: MemoryConfig) -> Iterator[MemoryClient]:
             client.close()
 
 
-def open_bank(memory: Memory, model: LongMemModel, name: str, capacity_tokens: int) -> None:
-    """Create bank `name` for this model, empty: an existing bank of that shape and size is
-    reset, one of another shape or size is replaced."""
+def open_bank(
+    memory: Memory, model: LongMemModel, name: str, capacity_tokens: int, dtype: str = "float16"
+) -> None:
+    """Create bank `name` for this model, empty: an existing bank of that shape, size and
+    dtype is reset, any other is replaced."""
     info = next((b for b in memory.list_banks() if b.name == name), None)
-    wanted = (model.bank_heads, model.head_dim, model.config.chunk_size, capacity_tokens)
+    wanted = (model.bank_heads, model.head_dim, model.config.chunk_size, capacity_tokens, dtype)
     if info is not None:
         spec = info.spec
-        if (spec.kv_heads, spec.head_dim, spec.chunk_size, spec.capacity_tokens) == wanted:
+        if (spec.kv_heads, spec.head_dim, spec.chunk_size, spec.capacity_tokens,
+                spec.dtype) == wanted:
             memory.reset_bank(name)
             return
         memory.delete_bank(name)
-    model.create_banks(memory, [name], capacity_tokens)
+    model.create_banks(memory, [name], capacity_tokens, dtype)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from memory_service.client import InProcessClient
+from model_worker.config import MemoryConfig
 from model_worker.data import DataError, encode, windows
 from model_worker.evaluate import (
     EvalConfig,
@@ -183,3 +184,22 @@ def test_open_bank_empties_or_replaces_a_bank_of_another_size(model):
     open_bank(mem, m, "b", 4096)  # another size (a longer passkey): replaced
     info = mem.describe_bank("b")
     assert info.size_tokens == 0 and info.spec.capacity_tokens == 4096
+
+
+def test_int8_banks_change_memory_on_perplexity_little(assets):
+    bb, books, _ = assets
+    m, tok = load_model(str(bb), None)
+    open_gates(m.eval())
+    ppl = {}
+    for dtype in ("float16", "int8"):
+        cfg = EvalConfig(backbone=str(bb), data=str(books), segment_len=64, docs=1, segments=4,
+                         sections=["perplexity"], json_out=None,
+                         memory=MemoryConfig(bank_dtype=dtype))
+        mem = InProcessClient()
+        rows = run_eval(cfg, m, tok, memory=mem)["rows"]
+        on = next(r for r in rows if (r["figure"], r["setting"]) == ("perplexity", "memory on"))
+        off = next(r for r in rows if (r["figure"], r["setting"]) == ("perplexity", "memory off"))
+        assert on["bank_dtype"] == dtype and mem.describe_bank("eval-ppl").spec.dtype == dtype
+        ppl[dtype] = on["value"]
+        assert on["value"] != pytest.approx(off["value"], rel=1e-6)  # memory is used
+    assert ppl["int8"] == pytest.approx(ppl["float16"], rel=0.01)
