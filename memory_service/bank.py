@@ -3,7 +3,8 @@
 This module is plain torch: no Ray, no gRPC. The pieces:
 
 - `BankSpec`: the shape and policy of a bank (heads, head dim, chunk size, capacity, dtype).
-- `quantize`/`dequantize`: int8 storage with a scale per (chunk, head).
+- `quantize`/`dequantize`: int8 or int4 storage (two 4-bit codes per byte) with a scale per
+  (chunk, head).
 - `Chunker`: numbers a stream's tokens into chunks of `chunk_size` in arrival order and holds
   the trailing partial chunk until the next append; it also knows which chunks FIFO eviction
   keeps (the newest `capacity_chunks`). It tags each token with the document its append
@@ -36,7 +37,9 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
     "int8": torch.int8,  # per-(chunk, head) scales; retrieved as float32
+    "int4": torch.uint8,  # as int8, two 4-bit codes per byte along head_dim
 }
+QUANT_BITS = {"int8": 8, "int4": 4}  # the quantized dtypes: bits per key/value element
 INDEX_KINDS = ("exact", "ivf_flat", "ivf_pq", "hnsw")  # approximate ones: memory_service.ann
 EVICTIONS = ("fifo", "lra")  # oldest first; least recently retrieved first (per shard)
 
@@ -49,6 +52,7 @@ MAX_NLIST, MAX_M, MAX_EF_SEARCH = 1 << 16, 256, MAX_TOP_K  # approximate index p
 MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_BLOCK_SCORES = 1 << 25  # score-matrix entries computed at once (128 MiB of float32)
+SEARCH_MIN_SLOTS = 4096  # slots per score block: a multiple of this (an odd width ran 1.7x slower)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class BankSpec:
             raise InvalidArgument(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
         if self.eviction not in EVICTIONS:
             raise InvalidArgument(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        if self.dtype == "int4" and self.head_dim % 2:
+            raise InvalidArgument(
+                f"int4 packs two codes per byte along head_dim, which must be even; "
+                f"got {self.head_dim}"
+            )
         if self.index == "ivf_pq" and self.head_dim % self.m:
             raise InvalidArgument(f"ivf_pq needs m ({self.m}) to divide head_dim ({self.head_dim})")
 
@@ -105,7 +114,17 @@ class BankSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.dtype == "int8"
+        return self.dtype in QUANT_BITS
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored key/value element (int4 codes are packed two per byte)."""
+        return QUANT_BITS.get(self.dtype) or 8 * self.torch_dtype.itemsize
+
+    @property
+    def stored_dim(self) -> int:
+        """The last dim of stored keys/values: `head_dim`, or its half in int4 bytes."""
+        return self.head_dim * self.bits // (8 * self.torch_dtype.itemsize)
 
     @property
     def value_dtype(self) -> torch.dtype:
@@ -114,11 +133,11 @@ class BankSpec:
 
     @property
     def chunk_bytes(self) -> int:
-        """Stored bytes per chunk: keys and values, the float32 chunk means, with int8 the
-        float32 scales of keys and values per head, and an approximate index's share."""
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
-        per_head = self.head_dim * (2 * itemsize * self.chunk_size + 4)
-        return self.kv_heads * (per_head + (8 if self.quantized else 0) + self.index_bytes)
+        """Stored bytes per chunk: keys and values, the float32 chunk means, with int8 and
+        int4 the float32 scales of keys and values per head, and an approximate index's share."""
+        kv = 2 * self.chunk_size * self.head_dim * self.bits // 8
+        per_head = kv + 4 * self.head_dim + (8 if self.quantized else 0)
+        return self.kv_heads * (per_head + self.index_bytes)
 
     @property
     def index_bytes(self) -> int:
@@ -189,34 +208,53 @@ class DeleteInfo:
     deleted_pending_tokens: int  # its tokens in the trailing partial chunk
 
 
-def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per leading index: `x` `(H, C, csz, D)` gives codes
-    `(H, C, csz, D)` int8 and scales `(H, C)` float32, `scale = absmax / 127`. The
-    dequantized `codes * scale` is within `scale / 2` of `x` in every element (up to
-    float32 rounding)."""
+def quantize(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric `bits`-bit codes (8 or 4) with one scale per leading index: `x`
+    `(H, C, csz, D)` gives scales `(H, C)` float32, `scale = absmax / L` with
+    `L = 2**(bits - 1) - 1` levels each side (127; 7), and codes `round(x / scale)` in
+    `[-L, L]`: int8 `(H, C, csz, D)` for 8 bits, packed uint8 `(H, C, csz, D / 2)` for 4
+    (`pack_int4`). The dequantized `codes * scale` is within `scale / 2` of `x` in every
+    element (up to float32 rounding)."""
+    levels = 2 ** (bits - 1) - 1
     x = x.float()
-    scale = x.abs().amax(dim=(-2, -1)) / 127  # (H, C)
+    scale = x.abs().amax(dim=(-2, -1)) / levels  # (H, C)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))[..., None, None]
-    codes = torch.round(x / safe).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
+    codes = torch.round(x / safe).clamp_(-levels, levels).to(torch.int8)
+    return (pack_int4(codes) if bits == 4 else codes), scale
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 `codes * scale`, for codes `(..., csz, D)` and scales `(...)`."""
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """float32 `codes * scale`, for codes `(..., csz, D)` (4 bits: packed `(..., csz, D / 2)`)
+    and scales `(...)`."""
+    if bits == 4:
+        codes = unpack_int4(codes)
     return codes.float() * scale[..., None, None]
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-7, 7] `(..., D)` as uint8 `(..., D / 2)`: element `2i` in the low
+    nibble of byte `i`, `2i + 1` in the high one, each stored plus 8."""
+    u = (codes + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The int8 codes `(..., 2P)` of packed bytes `(..., P)` (`pack_int4`'s inverse)."""
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1)  # (..., P, 2)
+    return nibbles.flatten(-2).to(torch.int8) - 8
 
 
 def encode_chunks(
     spec: BankSpec, keys: torch.Tensor, values: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """The stored form of chunks `(C, csz, H, D)`, each tensor `(H, C, ...)` as a
-    `ChunkStore` keeps it: keys and values in the bank dtype (int8 codes and their scales
-    for int8), and the float32 means of the keys as given."""
+    `ChunkStore` keeps it: keys and values in the bank dtype (codes and their scales for
+    int8 and int4), and the float32 means of the keys as given."""
     keys, values = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # (H, C, csz, D)
     out = {"means": keys.float().mean(2)}  # (H, C, D)
     if spec.quantized:
-        out["keys"], out["key_scales"] = quantize(keys)
-        out["values"], out["value_scales"] = quantize(values)
+        out["keys"], out["key_scales"] = quantize(keys, spec.bits)
+        out["values"], out["value_scales"] = quantize(values, spec.bits)
     else:
         out["keys"], out["values"] = keys.to(spec.torch_dtype), values.to(spec.torch_dtype)
     return out
@@ -340,7 +378,7 @@ class Chunker:
         them has one).
 
         The chunk tensors are `(C, chunk_size, H, D)` in `spec.value_dtype` (the bank dtype,
-        float32 for int8 banks, which the shards quantize); C may be 0.
+        float32 for int8 and int4 banks, which the shards quantize); C may be 0.
         """
         csz, dtype = self.spec.chunk_size, self.spec.value_dtype
         old_docs = self.pending_docs
@@ -386,11 +424,11 @@ class ChunkStore:
 
     def reset(self) -> None:
         H, D, csz = self.spec.kv_heads, self.spec.head_dim, self.spec.chunk_size
-        S, kw = self.slots, {"device": self.device}
-        self.keys = torch.empty(H, S, csz, D, dtype=self.spec.torch_dtype, **kw)  # (H, S, csz, D)
+        S, kw, Ds = self.slots, {"device": self.device}, self.spec.stored_dim
+        self.keys = torch.empty(H, S, csz, Ds, dtype=self.spec.torch_dtype, **kw)  # int4: Ds = D/2
         self.values = torch.empty_like(self.keys)
         self.means = torch.empty(H, S, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
-        if self.spec.quantized:  # (H, S) int8 scales of keys and values per (head, chunk)
+        if self.spec.quantized:  # (H, S) scales of keys and values per (head, chunk)
             self.key_scales = torch.empty(H, S, dtype=torch.float32, **kw)
             self.value_scales = torch.empty_like(self.key_scales)
         self.ids = torch.full((S,), -1, dtype=torch.int64, **kw)  # (S,) global id per slot
@@ -593,45 +631,50 @@ class ChunkStore:
         n, Hq, D = queries.shape
         H = self.spec.kv_heads
         g = Hq // H  # query heads per kv head
-        S = self.used  # search the written slots only
-        live = self.live[:S]
-        n_dead = S - int(live.sum())  # evicted (at most ~1 per shard) or deleted
-        mask_first = n_dead > top_k  # many deleted: mask them before the top-k
-        k = min(top_k if mask_first else top_k + n_dead, S)  # enough to keep top_k live ones
+        live = self.live[: self.used]  # search the written slots only
         q = queries.to(self.device, torch.float32).view(n, H, g, D)
         q = q.permute(1, 0, 2, 3).reshape(H, n * g, D)  # (H, n*g, D)
-        scores = torch.full((H, n * g, top_k), -math.inf, device=self.device)
-        ids = torch.full((H, n * g, top_k), -1, dtype=torch.int64, device=self.device)
-        means_t = self.means[:, :S].transpose(1, 2)  # (H, D, S)
-        block = max(1, SEARCH_BLOCK_SCORES // max(1, H * S))
         if self.ann is not None and self.ann.ready:  # approximate: candidates, then exact
-            top_scores, slots = self.ann.search(q.cpu(), self.means[:, :S], live, top_k)
-            top_scores, slots = top_scores.to(self.device), slots.to(self.device)
-            kk = top_scores.shape[-1]
-            scores[:, :, :kk] = top_scores
-            ids[:, :, :kk] = torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)
+            scores, slots = self.ann.search(q.cpu(), self.means[:, : self.used], live, top_k)
+            scores, slots = scores.to(self.device), slots.to(self.device)  # (H, n*g, top_k)
         else:
-            for start in range(0, n * g if k > 0 else 0, block):
-                rows = slice(start, start + block)
-                s = torch.bmm(q[:, rows], means_t)  # (H, b, S)
-                if mask_first:
-                    s.masked_fill_(~live, -math.inf)
-                top = s.topk(k, dim=-1)  # (H, b, k)
-                top_scores = top.values.masked_fill(~live[top.indices], -math.inf)
-                if n_dead and not mask_first:  # drop dead candidates, keep the best top_k live
-                    best = top_scores.topk(min(top_k, k), dim=-1)
-                    top_scores, slots = best.values, top.indices.gather(-1, best.indices)
-                else:
-                    slots = top.indices
-                kk = top_scores.shape[-1]
-                scores[:, rows, :kk] = top_scores
-                ids[:, rows, :kk] = torch.where(torch.isfinite(top_scores), self.ids[slots], -1)
+            scores, slots = self._scan(q, live, top_k)
+        ids = torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)
         unflat = lambda t: t.view(H, n, g, top_k).permute(1, 0, 2, 3).reshape(n, Hq, top_k)  # noqa: E731
         return unflat(scores), unflat(ids)
 
+    def _scan(
+        self, q: torch.Tensor, live: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k live slots for queries `(H, R, D)`: scores `(H, R, top_k)` (-inf where
+        fewer exist) and slots (-1 there), best first. Scores are computed in blocks of query
+        rows and slots of at most `SEARCH_BLOCK_SCORES` entries, each block's top-k merged
+        into the running one, so a row block reads the means once however large the bank."""
+        H, R, _ = q.shape
+        rows = min(R, max(1, SEARCH_BLOCK_SCORES // (H * SEARCH_MIN_SLOTS)))
+        cols = max(1, SEARCH_BLOCK_SCORES // (H * rows * SEARCH_MIN_SLOTS)) * SEARCH_MIN_SLOTS
+        dead = not bool(live.all())
+        means = self.means[:, : live.shape[0]]  # (H, S, D) the written slots
+        scores = torch.full((H, R, top_k), -math.inf, device=self.device)
+        slots = torch.full((H, R, top_k), -1, dtype=torch.int64, device=self.device)
+        for r in range(0, R, rows):
+            best, best_slots = scores[:, r : r + rows], slots[:, r : r + rows]  # (H, b, top_k)
+            for c in range(0, live.shape[0], cols):
+                block = means[:, c : c + cols].transpose(1, 2)  # (H, D, c)
+                s = torch.bmm(q[:, r : r + rows], block)  # (H, b, c)
+                if dead:
+                    s.masked_fill_(~live[c : c + cols], -math.inf)
+                top = s.topk(min(top_k, s.shape[-1]), dim=-1)
+                merged = torch.cat([best, top.values], -1).topk(top_k, dim=-1)
+                best = merged.values
+                best_slots = torch.cat([best_slots, top.indices + c], -1).gather(-1, merged.indices)
+            scores[:, r : r + rows], slots[:, r : r + rows] = best, best_slots
+        return scores, slots.masked_fill_(~torch.isfinite(scores), -1)
+
     def gather(self, heads: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `(U, csz, D)` of chunks `ids` `(U,)` on kv heads `heads` `(U,)`, in
-        `spec.value_dtype` (int8 banks dequantize). With LRA, stamps them retrieved now."""
+        `spec.value_dtype` (int8 and int4 banks dequantize). With LRA, stamps them retrieved
+        now."""
         if self.lra:  # an id not here gets slot `slots`, which the check below refuses
             slots = torch.tensor([self.slot_of.get(i, self.slots) for i in ids.tolist()])
             slots = slots.to(torch.int64)
@@ -652,8 +695,8 @@ class ChunkStore:
         heads, slots = heads.to(self.device), slots.to(self.device)
         keys, values = self.keys[heads, slots], self.values[heads, slots]
         if self.spec.quantized:
-            keys = dequantize(keys, self.key_scales[heads, slots])
-            values = dequantize(values, self.value_scales[heads, slots])
+            keys = dequantize(keys, self.key_scales[heads, slots], self.spec.bits)
+            values = dequantize(values, self.value_scales[heads, slots], self.spec.bits)
         return keys, values
 
 

@@ -239,7 +239,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser(
         "bench",
-        help="scaling suites (indexes, shards, tenants, training-shaped search): JSON and plots",
+        help="scaling suites (indexes, shards, tenants, training-shaped search, capacity): "
+        "JSON and plots",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench.add_argument(
@@ -271,6 +272,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default="local",
         help="local: a stretch of the bank re-read with noise; random: independent queries",
     )
+    capacity = bench.add_argument_group("capacity (only when named in --suites)")
+    capacity.add_argument("--capacity-tokens", type=int, default=1 << 25, help="bank tokens")
+    capacity.add_argument("--capacity-dtype", default="int4", help="the bank's dtype")
     bench.set_defaults(run=cmd_bench)
 
 

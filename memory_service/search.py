@@ -32,7 +32,7 @@ class SearchResult:
     """Retrieved memory for every (bank, query, query head), best chunk first.
 
     keys, values: `(B, n, Hq, top_k * chunk_size, D)` in the bank dtype (float32 for int8
-    banks), zero where invalid.
+    and int4 banks), zero where invalid.
     scores: `(B, n, Hq, top_k)` float32 inner products, -inf where invalid.
     chunk_ids: `(B, n, Hq, top_k)` int64 global chunk ids, -1 where invalid.
     valid: `(B, n, Hq, top_k)` bool. A bank with fewer than `top_k` live chunks returns all

@@ -109,9 +109,9 @@ class Shard:
     ) -> int | None:
         """Store chunks `ids` of a bank (tagged with `documents`); with a log, log them too
         and return the record's sequence number (`wait_durable` returns once it is on
-        disk). An int8 bank's chunks are logged in their stored form (codes, scales and
-        means: 3/8 of the float32 they arrive in, 3/4 of a float16 bank's log), others as
-        they came."""
+        disk). An int8 or int4 bank's chunks are logged in their stored form (codes, scales
+        and means: int8 3/8 of the float32 they arrive in, 3/4 of a float16 bank's log; int4
+        1/4 and 1/2), others as they came."""
         encoded = encode_chunks(spec, keys, values)
         self._put(bank_key, spec, ids, encoded, oldest_live_id, documents)  # checks them first
         header = {"op": "add", "bank": bank_key, "spec": spec.to_dict(), "oldest": oldest_live_id}

@@ -43,8 +43,6 @@ from pathlib import Path
 
 import torch
 
-from memory_service.bank import DTYPES
-
 log = logging.getLogger("longmem.wal")
 
 DURABILITY = ("none", "group", "fsync")
@@ -53,7 +51,18 @@ GROUP_COMMIT_S = 0.002  # at most one fsync per log per this many seconds under 
 FRAME = struct.Struct("<II")  # payload length, CRC32 of the payload
 HEADER = struct.Struct("<I")  # JSON header length, at the start of the payload
 MAX_RECORD_BYTES = (1 << 32) - 1
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()} | {torch.int64: "int64", torch.int32: "int32"}
+DTYPE_NAMES = {  # the dtypes a record's tensors may have, named as torch does (int4 codes: uint8)
+    t: str(t).removeprefix("torch.")
+    for t in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.int8,
+        torch.uint8,
+        torch.int32,
+        torch.int64,
+    )
+}
 NAMED_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 Record = tuple[dict, list[torch.Tensor]]

@@ -37,7 +37,15 @@ TORCH_OF = {
     pb.INT8: torch.int8,
 }
 WIRE_OF = {v: k for k, v in TORCH_OF.items()}
-NAME_OF = {WIRE_OF[t]: name for name, t in DTYPES.items()}  # the bank dtypes
+BANK_WIRE_OF = {  # the bank dtypes (int4 is no tensor dtype: its codes never travel)
+    "float16": pb.FLOAT16,
+    "bfloat16": pb.BFLOAT16,
+    "float32": pb.FLOAT32,
+    "int8": pb.INT8,
+    "int4": pb.INT4,
+}
+NAME_OF = {wire: name for name, wire in BANK_WIRE_OF.items()}
+assert set(BANK_WIRE_OF) == set(DTYPES), "every bank dtype needs a wire value"
 
 assert sys.byteorder == "little", "the wire format is little-endian; this host is not"
 
@@ -79,7 +87,7 @@ def _fields(obj, names_from=None) -> dict:
 
 
 def spec_to_wire(spec: BankSpec) -> pb.BankSpec:
-    return pb.BankSpec(**_fields(spec) | {"dtype": WIRE_OF[spec.torch_dtype]})
+    return pb.BankSpec(**_fields(spec) | {"dtype": BANK_WIRE_OF[spec.dtype]})
 
 
 def spec_from_wire(msg: pb.BankSpec) -> BankSpec:

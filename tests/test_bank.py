@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memory_service import bank
 from memory_service.bank import BankSpec, Chunker, ChunkStore
 from memory_service.client import InProcessClient
 from memory_service.errors import AlreadyExists, InvalidArgument, NotFound
@@ -186,7 +187,8 @@ def test_reset_and_delete():
         dict(kv_heads=0, head_dim=4),
         dict(kv_heads=1, head_dim=-1),
         dict(kv_heads=1, head_dim=4, chunk_size=8, capacity_tokens=4),
-        dict(kv_heads=1, head_dim=4, dtype="int4"),
+        dict(kv_heads=1, head_dim=4, dtype="int2"),
+        dict(kv_heads=1, head_dim=5, dtype="int4"),  # two codes per byte: head_dim even
         dict(kv_heads=1, head_dim=4, index="annoy"),
         dict(kv_heads=1, head_dim=6, index="ivf_pq", m=4),
         dict(kv_heads=1, head_dim=4, nlist=8, nprobe=9),
@@ -197,6 +199,25 @@ def test_reset_and_delete():
 def test_bad_specs_are_refused(spec):
     with pytest.raises(InvalidArgument):
         BankSpec(**spec)
+
+
+def test_search_in_blocks_equals_one_block(monkeypatch):
+    """A search cut into many blocks of query rows and slots (as in a bank of millions of
+    chunks) finds what one block finds, deleted chunks included."""
+    client = InProcessClient()
+    client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=2, capacity_tokens=600)
+    keys, values = kv(700, 2, 8)  # wraps: the oldest chunks are evicted
+    client.append("b", keys[:300], values[:300], document="gone")
+    client.append("b", keys[300:], values[300:])
+    client.delete_document("b", "gone")  # 150 chunks: 50 still in the live range
+    queries = torch.randn(1, 13, 4, 8)
+    whole = client.search(["b"], queries, 16)
+    monkeypatch.setattr(bank, "SEARCH_MIN_SLOTS", 8)
+    monkeypatch.setattr(bank, "SEARCH_BLOCK_SCORES", 2 * 5 * 8)  # 5 rows x 8 slots a block
+    blocks = client.search(["b"], queries, 16)
+    assert torch.equal(blocks.chunk_ids, whole.chunk_ids) and whole.valid.all()
+    torch.testing.assert_close(blocks.scores, whole.scores, rtol=1e-6, atol=1e-6)  # BLAS order
+    assert int(whole.chunk_ids.min()) >= 150  # neither evicted (< 50) nor deleted (< 150)
 
 
 def test_chunk_store_slots_never_collide():

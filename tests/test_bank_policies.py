@@ -1,18 +1,19 @@
-"""Bank storage, retention and search policies, in process: int8 storage, forgetting
-documents, least-recently-retrieved eviction, approximate indexes."""
+"""Bank storage, retention and search policies, in process: int8 and int4 storage,
+forgetting documents, least-recently-retrieved eviction, approximate indexes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memory_service.bank import BankSpec, DeleteInfo, dequantize, quantize
+from memory_service.bank import BankSpec, DeleteInfo, dequantize, pack_int4, quantize, unpack_int4
 from memory_service.client import InProcessClient
 from memory_service.engine import MemoryEngine
 from memory_service.errors import InvalidArgument, NotFound
 from memory_service.tenancy import Tenant
 
 H, HQ, D, CSZ = 3, 9, 64, 4  # SmolLM2's grouped-query shape
+QUANTIZED = {"int8": 8, "int4": 4}  # bank dtype: bits
 
 
 def kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,34 +25,49 @@ def kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, values
 
 
-def bound(x: torch.Tensor) -> torch.Tensor:
-    """The documented error bound of int8 storage, per element of chunks `(C, csz, H, D)`:
-    half of the (chunk, head) scale `absmax / 127` (and float32 rounding)."""
-    return (x.abs().amax(dim=(1, 3), keepdim=True) / 127 / 2).expand_as(x)
+def bound(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The documented error bound of `bits`-bit storage, per element of chunks
+    `(C, csz, H, D)`: half of the (chunk, head) scale `absmax / (2**(bits - 1) - 1)`
+    (127 for int8, 7 for int4), and float32 rounding."""
+    return (x.abs().amax(dim=(1, 3), keepdim=True) / (2 ** (bits - 1) - 1) / 2).expand_as(x)
 
 
-def test_quantize_round_trip_within_half_a_scale():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_round_trip_within_half_a_scale(bits):
+    """`|x - dequantize(quantize(x))| <= scale / 2` per element, `scale = absmax / L` per
+    (chunk, head), L = 127 (int8) or 7 (int4); int4 codes are packed two per byte."""
     x = torch.randn(4, 50, CSZ, D) * torch.logspace(-3, 3, 50).view(1, 50, 1, 1)
     x[0, 0] = 0  # an all-zero chunk has scale 0 and comes back exact
-    codes, scale = quantize(x)
-    assert codes.dtype == torch.int8 and scale.shape == (4, 50)
-    err = (dequantize(codes, scale) - x).abs()
+    codes, scale = quantize(x, bits)
+    assert scale.shape == (4, 50)
+    stored = (torch.int8, D) if bits == 8 else (torch.uint8, D // 2)  # int4: two per byte
+    assert (codes.dtype, codes.shape[-1]) == stored
+    torch.testing.assert_close(scale, x.abs().amax(dim=(2, 3)) / (2 ** (bits - 1) - 1))
+    err = (dequantize(codes, scale, bits) - x).abs()
     assert bool((err <= scale[..., None, None] / 2 * (1 + 1e-4)).all())
     assert float(err[0, 0].max()) == 0.0
 
 
+def test_int4_packing_is_exact_for_every_level():
+    codes = torch.arange(-7, 8, dtype=torch.int8).repeat(2)[:-2].view(2, 14)  # (2, 14)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 7)
+    assert torch.equal(unpack_int4(packed), codes)
+
+
+@pytest.mark.parametrize("dtype", sorted(QUANTIZED))
 @pytest.mark.parametrize("shards", [1, 3])
-def test_int8_bank_retrieves_within_the_bound_and_ranks_like_float16(shards):
+def test_quantized_bank_retrieves_within_the_bound_and_ranks_like_float16(dtype, shards):
     keys, values = kv(CSZ * 120 + 3)
     results = {}
-    for dtype in ("float16", "int8"):
+    for kind in ("float16", dtype):
         client = InProcessClient(n_shards=shards)
-        client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype=dtype)
+        client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype=kind)
         for part in torch.split(torch.arange(keys.shape[0]), 97):
             client.append("b", keys[part], values[part])
         queries = torch.randn(1, 8, HQ, D, generator=torch.Generator().manual_seed(1))
-        results[dtype] = client.search(["b"], queries, top_k=120)  # every chunk
-    f16, q8 = results["float16"], results["int8"]
+        results[kind] = client.search(["b"], queries, top_k=120)  # every chunk
+    f16, q8 = results["float16"], results[dtype]
     assert torch.equal(q8.chunk_ids, f16.chunk_ids)  # search keys are the same float32 means
     torch.testing.assert_close(q8.scores, f16.scores, rtol=0, atol=0)
     assert q8.keys.dtype == torch.float32 and q8.valid.all()
@@ -60,7 +76,7 @@ def test_int8_bank_retrieves_within_the_bound_and_ranks_like_float16(shards):
     stored = {"keys": keys[:n], "values": values[:n]}
     for name, x in stored.items():
         chunks = x.view(120, CSZ, H, D)
-        limit = bound(chunks)
+        limit = bound(chunks, QUANTIZED[dtype])
         got = getattr(q8, name)[0].view(8, HQ, 120, CSZ, D)
         for qh in (0, 4, 8):
             h = qh // (HQ // H)
@@ -69,14 +85,17 @@ def test_int8_bank_retrieves_within_the_bound_and_ranks_like_float16(shards):
             assert bool((err <= limit[ids, :, h] * (1 + 1e-4)).all()), (name, qh)
 
 
-def test_int8_size_and_snapshot(tmp_path):
-    spec = BankSpec(kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int8")
-    assert spec.bytes_per_token == H * (D * (2 * CSZ + 4) + 8) / CSZ == 582  # float16: 960
+@pytest.mark.parametrize("dtype, per_token", [("int8", 582), ("int4", 390)])
+def test_quantized_size_and_snapshot(tmp_path, dtype, per_token):
+    """Bytes per token: codes, float32 means and two float32 scales per (chunk, head)."""
+    spec = BankSpec(kv_heads=H, head_dim=D, chunk_size=CSZ, dtype=dtype)
+    bits = QUANTIZED[dtype]
+    assert spec.bytes_per_token == H * (D * (2 * CSZ * bits / 8 + 4) + 8) / CSZ == per_token
     client = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
-    client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int8")
+    client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype=dtype)
     keys, values = kv(CSZ * 40)
     client.append("b", keys, values)
-    assert client.describe_bank("b").bytes == 40 * 582 * CSZ
+    assert client.describe_bank("b").bytes == 40 * per_token * CSZ  # float16: 960
     client.snapshot()
     restored = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path))
     queries = torch.randn(1, 5, HQ, D)
@@ -84,11 +103,40 @@ def test_int8_size_and_snapshot(tmp_path):
     assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.values, b.values)
 
 
-def test_int8_spec_travels_on_the_wire():
+@pytest.mark.parametrize("dtype", sorted(QUANTIZED))
+def test_quantized_spec_travels_on_the_wire(dtype):
     from memory_service.wire import spec_from_wire, spec_to_wire
 
-    spec = BankSpec(kv_heads=H, head_dim=D, dtype="int8")
+    spec = BankSpec(kv_heads=H, head_dim=D, dtype=dtype)
     assert spec_from_wire(spec_to_wire(spec)) == spec
+
+
+def test_int4_over_grpc_equals_in_process():
+    """An int4 bank through a gRPC server (in process, no Ray) answers as in process; an
+    odd head_dim is refused at creation."""
+    from memory_service.client import MemoryClient
+    from memory_service.server import start_server
+    from memory_service.tenancy import TenantTable
+
+    server, address = start_server(MemoryEngine.local(2), TenantTable([Tenant("t", ("k",))]))
+    remote, local = MemoryClient(address, "k"), InProcessClient(n_shards=2)
+    keys, values = kv(CSZ * 50 + 1)
+    queries = torch.randn(1, 6, HQ, D)
+    try:
+        found = []
+        for c in (remote, local):
+            c.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int4")
+            c.append("b", keys, values, document="d")
+            assert c.describe_bank("b").bytes == 50 * 390 * CSZ + 50 * 4 * CSZ  # and tags
+            found.append(c.search(["b"], queries, 8))
+            with pytest.raises(InvalidArgument, match="head_dim, which must be even; got 63"):
+                c.create_bank("odd", kv_heads=H, head_dim=63, dtype="int4")
+        assert torch.equal(found[0].chunk_ids, found[1].chunk_ids)
+        assert torch.equal(found[0].keys, found[1].keys) and found[0].keys.dtype == torch.float32
+        assert remote.delete_document("b", "d").deleted_chunks == 50
+    finally:
+        remote.close()
+        server.stop(None)
 
 
 # ------------------------------------------------------------------ forgetting documents
@@ -110,10 +158,11 @@ def searched_ids(search) -> set[int]:
     return set(r.chunk_ids[r.valid].tolist())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int4"])
 @pytest.mark.parametrize("shards", [1, 3])
-def test_delete_document_removes_its_chunks_and_pending_tokens(shards):
+def test_delete_document_removes_its_chunks_and_pending_tokens(shards, dtype):
     client = InProcessClient(n_shards=shards)
-    client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=4)
+    client.create_bank("b", kv_heads=2, head_dim=8, chunk_size=4, dtype=dtype)
     fill_documents(lambda k, v, doc: client.append("b", k, v, document=doc))
     assert client.describe_bank("b").pending_tokens == 2
     assert client.delete_document("b", "a") == DeleteInfo(2, 2)  # chunks 0, 1 and "aa"
@@ -139,15 +188,16 @@ def test_delete_document_removes_its_chunks_and_pending_tokens(shards):
         client.delete_document("missing", "a")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int4"])
 @pytest.mark.parametrize("durability", ["none", "group"])
-def test_a_restart_does_not_bring_deleted_chunks_back(tmp_path, durability):
+def test_a_restart_does_not_bring_deleted_chunks_back(tmp_path, durability, dtype):
     tenant = Tenant("t", ())
 
     def engine() -> MemoryEngine:
         return MemoryEngine.local(2, snapshot_dir=str(tmp_path), durability=durability)
 
     first = engine()
-    first.create_bank(tenant, "b", BankSpec(kv_heads=2, head_dim=8, chunk_size=4))
+    first.create_bank(tenant, "b", BankSpec(kv_heads=2, head_dim=8, chunk_size=4, dtype=dtype))
     fill_documents(lambda k, v, doc: first.append(tenant, "b", k, v, doc))
     first.snapshot()
     first.append(tenant, "b", *small(3, 7), "a")  # pending "aaaaa": chunk 5 = aaaa
@@ -186,10 +236,12 @@ def append(client, ids: list[int]) -> None:
     client.append("b", one_hot(ids), one_hot(ids))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int4"])
 @pytest.mark.parametrize("eviction", ["lra", "fifo"])
-def test_lra_evicts_the_chunk_retrieved_least_recently(tmp_path, eviction):
+def test_lra_evicts_the_chunk_retrieved_least_recently(tmp_path, eviction, dtype):
     client = InProcessClient(snapshot_dir=str(tmp_path))
     spec = dict(kv_heads=1, head_dim=32, chunk_size=1, capacity_tokens=8, eviction=eviction)
+    spec["dtype"] = dtype
     client.create_bank("b", **spec)
     append(client, list(range(8)))
     retrieve(client, 2)
@@ -230,8 +282,12 @@ ANN = {
 }
 
 
-@pytest.mark.parametrize("index", sorted(ANN))
-def test_approximate_index_serves_live_chunks_with_exact_scores(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "index, dtype", [(kind, "float16") for kind in sorted(ANN)] + [("ivf_flat", "int4")]
+)
+def test_approximate_index_serves_live_chunks_with_exact_scores(
+    index, dtype, tmp_path, monkeypatch
+):
     pytest.importorskip("faiss")
     from memory_service import ann
 
@@ -246,12 +302,12 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(index, tmp_path,
     g = torch.Generator().manual_seed(3)
     n = 30_000 if index == "ivf_pq" else 1500  # PQ trains 256 centroids: 39 * 256 means
     D = 8 if index == "ivf_pq" else 16
-    keys = torch.randn(n, 1, D, generator=g)
+    keys = torch.randn(n, 1, D, generator=g).half().float()  # the same means in either dtype
     queries = torch.randn(1, 40, 2, D, generator=g)
     spec = dict(kv_heads=1, head_dim=D, chunk_size=1, capacity_tokens=n // 3)
     exact, approx = InProcessClient(), InProcessClient(snapshot_dir=str(tmp_path))
-    exact.create_bank("b", **spec)
-    approx.create_bank("b", **spec, index=index, **ANN[index])
+    exact.create_bank("b", **spec, dtype=dtype)
+    approx.create_bank("b", **spec, index=index, dtype=dtype, **ANN[index])
     for i, part in enumerate(torch.split(torch.arange(n), n // 6)):  # 6 appends
         for c in (exact, approx):
             c.append("b", keys[part], keys[part], document="gone" if i == 5 else "")
@@ -265,7 +321,7 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(index, tmp_path,
     for c in (exact, approx):
         c.delete_document("b", "gone")
     e = exact.search(["b"], queries, 16)
-    means = keys[:, 0].half().float()  # chunk_size 1: a chunk's mean is its stored key
+    means = keys[:, 0]  # chunk_size 1: a chunk's mean is its key
     approx.snapshot()  # the index is not saved: trained again from the means on restore
     restored = InProcessClient(snapshot_dir=str(tmp_path))
     for client in (approx, restored):
@@ -292,13 +348,13 @@ def test_approximate_index_specs():
     assert spec.bytes_per_token == 960 + 3 * (8 + 16) / 4
 
 
-def test_int8_log_replays_the_stored_form(tmp_path):
-    """An int8 bank's log holds codes, scales and means (smaller than a float16 bank's log)
-    and replays to the same store."""
+def test_quantized_logs_replay_the_stored_form(tmp_path):
+    """An int8 or int4 bank's log holds codes, scales and means (smaller than a float16
+    bank's log) and replays to the same store."""
     tenant, keys = Tenant("t", ()), kv(CSZ * 64)[0]
     sizes, found = {}, {}
     queries = torch.randn(1, 4, HQ, D)
-    for dtype in ("float16", "int8"):
+    for dtype in ("float16", "int8", "int4"):
         folder = tmp_path / dtype
         engine = MemoryEngine.local(1, snapshot_dir=str(folder))
         engine.create_bank(tenant, "b", BankSpec(kv_heads=H, head_dim=D, dtype=dtype))
@@ -312,5 +368,6 @@ def test_int8_log_replays_the_stored_form(tmp_path):
         assert torch.equal(found[dtype].table_keys, before.table_keys)
         assert torch.equal(found[dtype].table_values, before.table_values)
     assert sizes["int8"] < 0.8 * sizes["float16"]  # 3 bytes per element against 4
-    assert torch.equal(found["int8"].chunk_ids, found["float16"].chunk_ids)
-
+    assert sizes["int4"] < 0.55 * sizes["float16"]  # 2 bytes per element against 4
+    for dtype in QUANTIZED:
+        assert torch.equal(found[dtype].chunk_ids, found["float16"].chunk_ids)

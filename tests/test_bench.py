@@ -61,6 +61,8 @@ def test_index_suite_writes_json_and_plots(tmp_path):
         (["--sizes", "65536,1e6"], "--sizes takes comma-separated integers"),
         (["--tenant-tokens", "1001"], "--tenant-tokens: 1001 must be a multiple of 4"),
         (["--kinds", "flat"], "unknown index kinds"),
+        (["--suites", "capacity", "--capacity-dtype", "int3"], "dtype must be one of"),
+        (["--suites", "capacity", "--capacity-tokens", str(1 << 36)], "85% of the"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_work(capsys, tmp_path, flags, message):
@@ -106,3 +108,14 @@ def test_search_suite(cluster, capsys, tmp_path):
     assert all(r["wire_bytes"] > 0 for r in rows[2:])
     assert (tmp_path / "search.png").read_bytes()[:4] == PNG
     assert "## search\n| path | p50 ms |" in out
+
+
+def test_capacity_suite(capsys, tmp_path):
+    """One int4 bank filled in appends of 65,536 tokens (4 here) and searched, in process."""
+    flags = ["--suites", "capacity", "--capacity-tokens", "262144", "--capacity-dtype", "int4"]
+    (row,), out = bench(capsys, tmp_path, *flags)
+    assert (row["tokens"], row["dtype"], row["bytes_per_token"]) == (262144, "int4", 390)
+    assert row["bank_gb"] == round(262144 * 390 / 1e9, 3) < min(row["rss_gb"], row["estimated_gb"])
+    assert row["search_s"] > 0 and row["append_tokens_per_s"] > 0
+    assert (tmp_path / "capacity.png").read_bytes()[:4] == PNG
+    assert "## capacity\n| tokens | dtype | B/token |" in out

@@ -5,7 +5,9 @@ JSON and PNG plots to one folder and printing a markdown table. One module per s
   search and each approximate index (in process);
 - `shards`: search and append throughput against the number of shards;
 - `tenants`: latency and throughput against concurrent tenants, each with its own bank;
-- `search`: the training-shaped search against LongMem's original faiss design.
+- `search`: the training-shaped search against LongMem's original faiss design;
+- `capacity`: one bank as large as asked (32M int4 tokens by default), filled and searched,
+  refused up front if it would not fit in memory; run only when named.
 
 They need the `bench` extra (faiss, matplotlib): `pip install -e '.[bench]'`.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SUITES = ("index", "shards", "tenants", "search")
+SUITES = ("index", "shards", "tenants", "search", "capacity")
 
 
 def checked(flag: str, value: int, multiple_of: int = 1, least: int = 1) -> int:
@@ -49,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     """Check every flag and what the chosen suites need, then run them in order."""
     import torch
 
-    from memory_service.bench import common, index, search, shards, tenants
+    from memory_service.bench import capacity, common, index, search, shards, tenants
 
     chosen = suites(args.suites)
     sizes = int_list("--sizes", args.sizes, common.CSZ, common.CSZ)
@@ -63,6 +65,10 @@ def main(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     index.check(args.kinds.split(","))  # the kinds, and matplotlib
+    if "capacity" in chosen:
+        capacity.check(
+            checked("--capacity-tokens", args.capacity_tokens, common.CSZ), args.capacity_dtype
+        )
     torch.set_num_threads(args.threads)
     if {"index", "search"} & set(chosen):
         from memory_service.ann import faiss_module
@@ -83,10 +89,13 @@ def main(args: argparse.Namespace) -> int:
                 out, tenant_counts, args.tenant_tokens, args.requests, args.timeout, args.address
             )
             print(tenants.table(rows))
-        else:
+        elif suite == "search":
             rows = search.run(
                 out, args.search_tokens, args.search_iters, args.search_queries, args.address
             )
             print(search.table(rows))
+        else:
+            rows = capacity.run(out, args.capacity_tokens, args.capacity_dtype)
+            print(capacity.table(rows))
     print(f"wrote the JSON and PNG files of {', '.join(chosen)} to {out}")
     return 0

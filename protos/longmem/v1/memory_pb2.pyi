@@ -16,6 +16,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
     INT8: _ClassVar[DType]
+    INT4: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT16: DType
 BFLOAT16: DType
@@ -23,6 +24,7 @@ FLOAT32: DType
 INT32: DType
 INT64: DType
 INT8: DType
+INT4: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
