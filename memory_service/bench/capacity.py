@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from memory_service.bank import BankSpec
-from memory_service.bench.common import CSZ, HQ, TOP_K, D, H, markdown, timed
+from memory_service.bench.common import CSZ, HQ, TOP_K, D, H, markdown, save_figure, timed
 from memory_service.client import InProcessClient
 
 APPEND_TOKENS = 65536
@@ -135,10 +135,7 @@ def plot(path: Path, row: dict, machine: dict) -> Path:
     ax.set_ylabel("GB")
     ax.set_title(f"{row['tokens']:,} tokens of {row['dtype']}: search {row['search_s']:.2f} s")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def table(rows: list[dict]) -> str:

@@ -98,6 +98,14 @@ def plot_panels(
         ax.grid(True, alpha=0.3)
         if len(lines) > 1:
             ax.legend()
+    save_figure(fig, path)
+    return path
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` to `path` as a PNG (80 dpi) and free it."""
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memory_service.bench.common import CSZ, HQ, TOP_K, D, H, markdown
+from memory_service.bench.common import CSZ, HQ, TOP_K, D, H, markdown, save_figure
 from memory_service.client import InProcessClient
 
 N_QUERIES = 128
@@ -151,9 +151,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=80)
-        plt.close(fig)
+        save_figure(fig, out / name)
         paths.append(out / name)
     return paths
 

@@ -33,6 +33,7 @@ from memory_service.bench.common import (
     latency_ms,
     markdown,
     ray_session,
+    save_figure,
     timed,
 )
 from memory_service.client import InProcessClient, MemoryClient
@@ -171,10 +172,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.bar_label(bars, [f"{r['p50_vs_baseline']:.2f}x" for r in rows][::-1], padding=3)
     ax.set_xlabel(f"p50 ms per search ({N_QUERIES} queries x {HQ} heads, top {TOP_K})")
     ax.margins(x=0.15)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def table(rows: list[dict]) -> str:
