@@ -56,6 +56,7 @@ def _config(cls, args: argparse.Namespace):
         kw["sidenet"] = SideNetConfig(
             r=args.r, memory_layers=args.memory_layers, k=args.k, chunk_size=args.chunk_size,
             train_layers=getattr(args, "train_layers", SideNetConfig.train_layers),
+            token_gate=getattr(args, "token_gate", SideNetConfig.token_gate),
         )
     return cls(**kw)
 
@@ -222,6 +223,13 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--gate-lr", type=float, default=2e-2, help="lr of the memory gates")
+    p.add_argument(
+        "--token-gate", action="store_true",
+        help="each token's hidden state also sets its memory heads' gates (a linear map)",
+    )
+    p.add_argument(
+        "--token-gate-lr", type=float, default=1e-3, help="lr of the token gates' linear map"
+    )
     p.add_argument(
         "--recall-weight", type=float, default=5.0,
         help="loss weight of the tokens only memory can predict (answers, repeated passages)",

@@ -17,6 +17,11 @@ layer even with memory on; training opens it head by head (first-order: its grad
 the loss change memory would bring). `bias` shifts a head's memory share; both are the
 "gates", trained with their own learning rate and no weight decay.
 
+With `token_gate`, each token's hidden state also moves its heads' gates: scale and bias
+become `scale_h + u_h . h_t` and `bias_h + v_h . h_t` (h_t the layer's normed input, u and v
+one zero-initialised linear map), so memory can open for the tokens that recall and stay
+moderate for ordinary text, which a per-head constant cannot do (docs/method.md section 7).
+
 Retrieval (in `sidenet.SideNet`, once per step for all memory layers) uses the backbone's
 own query of this layer, rotated the same way, against the chunks' mean keys; here each
 layer attends to its share of what was found with its own query. Retrieved keys/values are
@@ -112,7 +117,8 @@ def mix_memory(
 ) -> torch.Tensor:
     """y = A + scale_h * sigmoid(lse_M - lse_A + bias_h) * (M - A).
 
-    a, m (B, T, H, D); lse_a, lse_m (B, T, H); scale, bias (H,). With scale 1 and bias 0
+    a, m (B, T, H, D); lse_a, lse_m (B, T, H); scale, bias (H,) or per token (B, T, H).
+    With scale 1 and bias 0
     this is attention with one softmax over the local and the memory scores together.
     """
     w = torch.sigmoid(lse_m - lse_a + bias)  # (B, T, H) memory's share of the joint mass
@@ -122,10 +128,14 @@ def mix_memory(
 class JointAttentionLayer(nn.Module):
     """A deep-copied backbone decoder layer whose self-attention becomes joint attention.
 
-    New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0.
+    New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0,
+    and with `token_gate` the map `token_gate` (C -> 2 Hq, starting at 0) from the token's
+    normed input to its heads' scale and bias offsets.
     """
 
-    def __init__(self, layer: nn.Module, backbone: Backbone, to_memory: MemoryDistance):
+    def __init__(
+        self, layer: nn.Module, backbone: Backbone, to_memory: MemoryDistance, token_gate: bool
+    ):
         super().__init__()
         self.layer = layer
         self.adapter = backbone.adapter
@@ -133,10 +143,23 @@ class JointAttentionLayer(nn.Module):
         self.head_dim = backbone.head_dim
         self.scale = nn.Parameter(torch.zeros(self.n_heads))
         self.bias = nn.Parameter(torch.zeros(self.n_heads))
+        self.token_gate = None
+        if token_gate:
+            hidden = backbone.model.config.hidden_size
+            self.token_gate = nn.Linear(hidden, 2 * self.n_heads, bias=False)
+            nn.init.zeros_(self.token_gate.weight)
         self.to_memory = to_memory
 
     def gates(self) -> list[nn.Parameter]:
-        return [self.scale, self.bias]
+        """The per-head gates and, with `token_gate`, its map's weight."""
+        return [self.scale, self.bias] + ([self.token_gate.weight] if self.token_gate else [])
+
+    def head_gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed input h (B, T, C) -> each token's scale and bias, (H,) or (B, T, H)."""
+        if self.token_gate is None:
+            return self.scale, self.bias
+        d_scale, d_bias = self.token_gate(h).float().chunk(2, dim=-1)  # (B, T, H) each
+        return self.scale + d_scale, self.bias + d_bias
 
     def forward(
         self,
@@ -160,7 +183,8 @@ class JointAttentionLayer(nn.Module):
             self.to_memory(q[:, n_context:]), found.keys.to(**to), found.values.to(**to),
             found.mask.to(q.device), scaling,
         )
-        y_new = mix_memory(a[:, n_context:], lse_a[:, n_context:], m, lse_m, self.scale, self.bias)
+        scale, bias = self.head_gates(h[:, n_context:])
+        y_new = mix_memory(a[:, n_context:], lse_a[:, n_context:], m, lse_m, scale, bias)
         y = torch.cat([a[:, :n_context], y_new], dim=1)  # (B, T, Hq, D)
         x = x + ad.out_proj(layer, y.flatten(2))
         return x + ad.mlp(layer)(ad.norm2(layer)(x))

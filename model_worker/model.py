@@ -85,10 +85,16 @@ class LongMemModel(nn.Module):
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
     def gates(self) -> dict[str, torch.Tensor]:
-        """The memory layers' per-head gates, detached: {"scale": (n_mem, Hq), "bias": ...}."""
+        """The memory layers' per-head gates, detached: {"scale": (n_mem, Hq), "bias": ...};
+        with token gates also the norm of each head's row of their map ("token_scale",
+        "token_bias")."""
         joint = self.sidenet.joint_layers
-        return {name: torch.stack([getattr(j, name).detach() for j in joint])
-                for name in ("scale", "bias")}
+        out = {name: torch.stack([getattr(j, name).detach() for j in joint])
+               for name in ("scale", "bias")}
+        if self.config.token_gate:
+            norms = torch.stack([j.token_gate.weight.detach().norm(dim=1) for j in joint])
+            out["token_scale"], out["token_bias"] = norms.chunk(2, dim=1)  # (n_mem, Hq) each
+        return out
 
     def forward(
         self,
@@ -215,9 +221,10 @@ class LongMemModel(nn.Module):
                 f"checkpoint {path} was made for backbone {theirs.get('name')!r}, not this "
                 f"model's backbone {mine['name']!r} ({why})"
             )
-        if meta["sidenet"] != self.config.to_dict():
+        theirs = SideNetConfig(**meta["sidenet"]).to_dict()  # options added since: defaults
+        if theirs != self.config.to_dict():
             raise ValueError(
-                f"checkpoint {path} has SideNet config {meta['sidenet']}, model has "
+                f"checkpoint {path} has SideNet config {theirs}, model has "
                 f"{self.config.to_dict()}"
             )
         state = load_file(path / CHECKPOINT_WEIGHTS)

@@ -72,6 +72,7 @@ class SideNetConfig:
     memory_distance: the query meets memory keys (stored without position) as if they sat
         this many tokens back (rotary backbones; 0 = un-rotated).
     train_layers: `gates`, `memory` (the band's layers and gates) or `all` SideNet layers.
+    token_gate: each token's hidden state also sets its heads' gates (`JointAttentionLayer`).
     use_memory: off = every layer is plain local attention.
     """
 
@@ -82,6 +83,7 @@ class SideNetConfig:
     context: int = 64
     memory_distance: int = 512
     train_layers: str = "gates"
+    token_gate: bool = False
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:
@@ -134,7 +136,7 @@ class SideNet(nn.Module):
             layer = copy.deepcopy(src[self.source(i)])
             joint = self.source(i) in self.sources
             if joint:
-                layer = JointAttentionLayer(layer, backbone, self.to_memory)
+                layer = JointAttentionLayer(layer, backbone, self.to_memory, config.token_gate)
             train = config.train_layers == "all" or (joint and config.train_layers == "memory")
             layer.requires_grad_(train)
             for gate in layer.gates() if joint else []:

@@ -59,6 +59,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 2e-4
     gate_lr: float = 2e-2  # the memory gates (scale, bias): own rate, no weight decay
+    token_gate_lr: float = 1e-3  # the token gates' map (hidden size inputs: a smaller rate)
     recall_weight: float = 5.0  # loss weight of the tokens only memory can predict (recall mix)
     warmup: int = 10
     weight_decay: float = 0.01
@@ -106,17 +107,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
-    """Weights with lr and weight decay; the memory gates with their own lr; biases, norm
-    weights and gates without weight decay."""
+    """Weights with lr and weight decay; the memory gates with their own lr (the token
+    gates' map with its own); biases, norm weights and gates without weight decay."""
     gates = {id(p) for p in model.sidenet.gates()}
-    groups = {"weights": [], "no_decay": [], "gates": []}
+    groups = {"weights": [], "no_decay": [], "gates": [], "token_gates": []}
     for p in model.trainable_parameters():
-        kind = "gates" if id(p) in gates else "no_decay" if p.ndim < 2 else "weights"
+        if id(p) in gates:
+            kind = "gates" if p.ndim < 2 else "token_gates"
+        else:
+            kind = "no_decay" if p.ndim < 2 else "weights"
         groups[kind].append(p)
+    lrs = {"weights": cfg.lr, "no_decay": cfg.lr, "gates": cfg.gate_lr,
+           "token_gates": cfg.token_gate_lr}
     return [
-        {"name": "weights", "params": groups["weights"], "lr": cfg.lr},
-        {"name": "no_decay", "params": groups["no_decay"], "lr": cfg.lr, "weight_decay": 0.0},
-        {"name": "gates", "params": groups["gates"], "lr": cfg.gate_lr, "weight_decay": 0.0},
+        {"name": kind, "params": params, "lr": lrs[kind],
+         "weight_decay": cfg.weight_decay if kind == "weights" else 0.0}
+        for kind, params in groups.items()
     ]
 
 
