@@ -255,6 +255,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     index.add_argument("--sizes", default="65536,262144,1048576", help="bank sizes in tokens")
     index.add_argument("--kinds", default="ivf_flat,ivf_pq,hnsw", help="approximate indexes")
     index.add_argument("--nprobe-div", type=int, default=32, help="IVF nprobe = nlist // this")
+    index.add_argument(
+        "--index-keys", default=None, metavar="FOLDER",
+        help="SmolLM2's own keys and queries (benchmarks/real_keys.py) instead of Gaussian ones",
+    )
     shards = bench.add_argument_group("shards")
     shards.add_argument("--shards", default="1,2,4", help="shard counts")
     shards.add_argument("--shard-tokens", type=int, default=1 << 20, help="bank tokens")

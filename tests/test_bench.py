@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -53,6 +54,36 @@ def test_index_suite_writes_json_and_plots(tmp_path):
         index.run(tmp_path, [4096], ["flat"])
 
 
+def write_keys(folder, rows: int, seed: int = 0):
+    """A keys folder as `benchmarks/real_keys.py` writes one: clustered keys (N, 3, 64)
+    float16 and queries (128, 9, 64) near some of them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, 3, 64))
+    keys = centres[rng.integers(0, 64, rows)] + 0.3 * rng.standard_normal((rows, 3, 64))
+    queries = keys[rng.integers(0, rows, 128)][:, [0, 0, 0, 1, 1, 1, 2, 2, 2]]
+    folder.mkdir()
+    np.save(folder / "keys.npy", keys.astype(np.float16))
+    np.save(folder / "queries.npy", queries.astype(np.float16))
+    return folder
+
+
+def test_index_suite_on_keys_from_a_folder(tmp_path):
+    from memory_service.bench import index
+
+    keys = index.Keys.load(write_keys(tmp_path / "keys", 8192))
+    (row,) = index.run(tmp_path / "out", [8192], ["ivf_flat"], nprobe_div=4, progress=False,
+                       keys=keys)
+    assert row["keys"] == str(tmp_path / "keys") and 0 < row["recall_at_16"] <= 1
+    gaussian = index.run(tmp_path / "g", [8192], ["ivf_flat"], nprobe_div=4, progress=False)
+    assert gaussian[0]["keys"] == "gaussian"
+    assert row["recall_at_16"] > gaussian[0]["recall_at_16"]  # clusters: IVF's good case
+    with pytest.raises(ValueError, match="--sizes up to 16,384 tokens, but --index-keys holds"):
+        index.run(tmp_path / "out", [16384], ["ivf_flat"], keys=keys)
+    np.save(tmp_path / "keys" / "queries.npy", np.zeros((4, 8, 64), np.float16))
+    with pytest.raises(ValueError, match=r"need \(N, 3, 64\) / \(Q, 9, 64\)"):
+        index.Keys.load(tmp_path / "keys")
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -63,6 +94,7 @@ def test_index_suite_writes_json_and_plots(tmp_path):
         (["--kinds", "flat"], "unknown index kinds"),
         (["--suites", "capacity", "--capacity-dtype", "int3"], "dtype must be one of"),
         (["--suites", "capacity", "--capacity-tokens", str(1 << 36)], "85% of the"),
+        (["--index-keys", "no-such-folder"], "write it with benchmarks/real_keys.py"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_work(capsys, tmp_path, flags, message):

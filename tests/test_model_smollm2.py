@@ -119,3 +119,34 @@ def test_shipped_weights_are_the_default_for_the_default_backbone():
     assert model.gates()["scale"].abs().max() > 0.1, "the shipped gates were trained open"
     untrained, _ = load_model(None, "none")
     assert torch.equal(untrained.gates()["scale"], torch.zeros(10, 9))
+
+
+def test_real_keys_script_writes_the_bands_keys_token_major(smol, tmp_path):
+    """`benchmarks/real_keys.py` (the index suite's SmolLM2 keys): row t * 10 + l is layer
+    l's key of token t, as the model writes it to a bank; the queries are retrieval's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "story.txt").write_text(" ".join([TEXT] * 4))
+    out = tmp_path / "keys"
+    script = Path(__file__).parents[1] / "benchmarks" / "real_keys.py"
+    run = [sys.executable, str(script), "--tokens", "2560", "--books", str(books),
+           "--out", str(out), "--threads", "1"]
+    subprocess.run(run, check=True, capture_output=True, timeout=300)
+    keys, queries = np.load(out / "keys.npy"), np.load(out / "queries.npy")
+    assert keys.shape == (2560, 3, 64) and keys.dtype == np.float16
+    assert queries.shape == (128, 9, 64)
+    model, tok = smol
+    ids = torch.tensor(tok(" ".join([TEXT] * 4), add_special_tokens=False).input_ids)
+    expected, _ = model.encode_memory(ids[None, :576], n_context=64)  # the first window
+    expected = expected[0].reshape(-1, 3, 64)  # (T * 10, 3, 64): token-major, layer within
+    torch.testing.assert_close(torch.from_numpy(keys[:2560]).float(),
+                               expected[:2560].half().float(), rtol=0, atol=0)
+    too_many = [*run[:3], "100000000", *run[4:]]
+    failed = subprocess.run(too_many, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "the books give only" in failed.stderr

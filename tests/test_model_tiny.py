@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -162,6 +164,26 @@ def test_untrained_model_is_the_backbone(model):
     torch.testing.assert_close(out.backbone_logits, backbone, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.logits, backbone, rtol=0, atol=1e-5)
     torch.testing.assert_close(out.memory_off_logits, backbone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_token_gates_start_closed_and_give_each_token_its_own_gate(family):
+    """With token gates the untrained model is still the backbone (memory on, full banks);
+    once their map is non-zero, tokens of the same head get different gates, and memory
+    changes the logits."""
+    model = tiny_model(FAMILIES[family](), token_gate=True)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mem = filled_memory(model, ["a", "b"], 24, seed=1)
+    out = model(ids, ["a", "b"], mem, references=True)
+    torch.testing.assert_close(out.logits, out.backbone_logits, rtol=0, atol=1e-5)
+    joint = model.sidenet.joint_layers[0]
+    with torch.no_grad():
+        joint.token_gate.weight.normal_()
+    h = torch.randn(2, 12, joint.token_gate.in_features)
+    scale, bias = joint.head_gates(h)
+    assert scale.shape == bias.shape == (2, 12, model.backbone.n_heads)
+    assert scale.std(dim=1).min() > 0 and bias.std(dim=1).min() > 0
+    assert not torch.allclose(model(ids, ["a", "b"], mem).logits, out.backbone_logits)
 
 
 def test_open_gate_is_one_softmax_over_local_and_memory():
@@ -344,3 +366,10 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
         other_weights.load_checkpoint(tmp_path / "ck")
     with pytest.raises(ValueError, match="made for backbone 'tiny-0'.*model_type"):
         tiny_model(gpt2_config(), train_layers="memory").load_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "longmem.json").read_text())
+    del meta["sidenet"]["token_gate"]  # a checkpoint written before the option existed
+    (tmp_path / "ck" / "longmem.json").write_text(json.dumps(meta))
+    fresh.load_checkpoint(tmp_path / "ck")
+    with pytest.raises(ValueError, match="SideNet config"):
+        tiny_model(llama_config(), train_layers="memory", token_gate=True).load_checkpoint(
+            tmp_path / "ck")

@@ -126,12 +126,17 @@ def test_recall_documents_ask_later_what_they_state(assets):
 
 
 def test_optimizer_groups_give_gates_their_own_rate_and_no_decay(assets):
-    cfg = SideNetConfig(k=8, chunk_size=2, train_layers="memory")
+    cfg = SideNetConfig(k=8, chunk_size=2, train_layers="memory", token_gate=True)
     model, _ = load_model(str(assets[0]), None, cfg)
-    groups = {g["name"]: g for g in param_groups(model, TrainConfig(lr=1e-4, gate_lr=0.05))}
-    gates = {id(p) for p in model.sidenet.gates()}
-    assert {id(p) for p in groups["gates"]["params"]} == gates
+    train_cfg = TrainConfig(lr=1e-4, gate_lr=0.05, token_gate_lr=1e-3)
+    groups = {g["name"]: g for g in param_groups(model, train_cfg)}
+    joint = model.sidenet.joint_layers
+    assert {id(p) for p in groups["gates"]["params"]} == {
+        id(p) for j in joint for p in (j.scale, j.bias)}
+    assert {id(p) for p in groups["token_gates"]["params"]} == {
+        id(j.token_gate.weight) for j in joint}
     assert groups["gates"]["lr"] == 0.05 and groups["gates"]["weight_decay"] == 0.0
+    assert groups["token_gates"]["lr"] == 1e-3 and groups["token_gates"]["weight_decay"] == 0.0
     assert groups["no_decay"]["weight_decay"] == 0.0
     assert groups["weights"]["params"] and all(p.ndim == 2 for p in groups["weights"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_parameters())

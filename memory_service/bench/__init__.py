@@ -65,6 +65,9 @@ def main(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     index.check(args.kinds.split(","))  # the kinds, and matplotlib
+    keys = index.Keys.load(Path(args.index_keys)) if args.index_keys else index.Keys()
+    if "index" in chosen:
+        keys.check(sizes)
     if "capacity" in chosen:
         capacity.check(
             checked("--capacity-tokens", args.capacity_tokens, common.CSZ), args.capacity_dtype
@@ -79,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     for suite in chosen:
         print(f"## {suite}")
         if suite == "index":
-            rows = index.run(out, sizes, args.kinds.split(","), args.nprobe_div)
+            rows = index.run(out, sizes, args.kinds.split(","), args.nprobe_div, keys=keys)
             print(index.table(rows))
         elif suite == "shards":
             rows = shards.run(out, shard_counts, args.shard_tokens, args.address)

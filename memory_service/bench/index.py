@@ -7,7 +7,9 @@ one in-process shard (SmolLM2's attention shape: 3 kv heads x 64, 9 query heads,
 the memory round trip per generated token). A row records the median search latency, the
 exact bank's, the speed-up, recall@16 (the share of the exact top-16 chunk ids the index
 returns), the median generation step of both, the time to append and build, and bytes per
-token. Keys and queries are Gaussian (no cluster structure: the hard case for IVF).
+token. Keys and queries are Gaussian (no cluster structure: the hard case for IVF), or, with
+`keys`, a folder written by `benchmarks/real_keys.py`: SmolLM2's own memory keys
+(`keys.npy`, (N, 3, 64)) and retrieval queries (`queries.npy`, (128, 9, 64)).
 
 IVF uses `nlist = min(1024, chunks // 64)` and `nprobe = nlist // nprobe_div`; HNSW `m` 16 and
 `ef_search` 64. Writes `index_scaling.json`, `search_latency.png`, `recall.png` and
@@ -21,6 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,14 +45,52 @@ def index_params(kind: str, tokens: int, nprobe_div: int) -> dict:
     return params | ({"m": 16} if kind == "ivf_pq" else {})
 
 
-def fill(client: InProcessClient, tokens: int, **spec) -> float:
-    """Create bank "b" holding `tokens` Gaussian tokens (the same ones for every bank)."""
+class Keys:
+    """The bank's tokens (each its key, also as value) and the queries: Gaussian, or read
+    from a `benchmarks/real_keys.py` folder (`load`)."""
+
+    def __init__(
+        self, rows: np.ndarray | None = None, queries: torch.Tensor | None = None,
+        name: str = "gaussian",
+    ):
+        self.rows, self.name = rows, name  # rows (N, H, D) float16, memory-mapped; None: Gaussian
+        self.queries = queries if queries is not None else torch.randn(
+            1, N_QUERIES, HQ, D, generator=torch.Generator().manual_seed(1))  # (1, Q, HQ, D)
+
+    @classmethod
+    def load(cls, folder: Path) -> Keys:
+        """The keys and queries in `folder`; ValueError if missing or of another shape."""
+        try:
+            rows = np.load(folder / "keys.npy", mmap_mode="r")
+            queries = torch.from_numpy(np.load(folder / "queries.npy")).float()
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--index-keys {folder}: {e} (write it with "
+                             "benchmarks/real_keys.py)") from None
+        if rows.shape[1:] != (H, D) or queries.shape[1:] != (HQ, D):
+            raise ValueError(f"--index-keys {folder}: keys {rows.shape} / queries "
+                             f"{tuple(queries.shape)}, need (N, {H}, {D}) / (Q, {HQ}, {D})")
+        return cls(rows, queries[None], name=str(folder))
+
+    def check(self, sizes: list[int]) -> None:
+        if self.rows is not None and max(sizes) > len(self.rows):
+            raise ValueError(f"--sizes up to {max(sizes):,} tokens, but --index-keys holds "
+                             f"{len(self.rows):,}")
+
+    def block(self, start: int, n: int, g: torch.Generator) -> torch.Tensor:
+        """Tokens start .. start + n: (n, H, D) float32."""
+        if self.rows is None:
+            return torch.randn(n, H, D, generator=g)
+        return torch.from_numpy(np.asarray(self.rows[start: start + n], dtype=np.float32))
+
+
+def fill(client: InProcessClient, tokens: int, keys: Keys, **spec) -> float:
+    """Create bank "b" holding the first `tokens` of `keys` (the same ones for every bank)."""
     client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, capacity_tokens=tokens, **spec)
     g = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     for start in range(0, tokens, APPEND_TOKENS):
-        keys = torch.randn(min(APPEND_TOKENS, tokens - start), H, D, generator=g)
-        client.append("b", keys, keys)
+        rows = keys.block(start, min(APPEND_TOKENS, tokens - start), g)
+        client.append("b", rows, rows)
     return time.perf_counter() - started
 
 
@@ -82,16 +123,18 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def run_index_suite(
-    sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True
+    sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True,
+    keys: Keys | None = None,
 ) -> list[dict]:
     """One row per (size, index) (see the module doc)."""
-    queries = torch.randn(1, N_QUERIES, HQ, D, generator=torch.Generator().manual_seed(1))
+    keys = keys or Keys()
+    queries = keys.queries
     rows = []
     bar = tqdm(total=len(sizes) * (1 + len(kinds)), desc="index", disable=not progress)
     for tokens in sizes:
         exact = InProcessClient()
         bar.set_postfix_str(f"{tokens:,} tokens, exact")
-        fill(exact, tokens)
+        fill(exact, tokens, keys)
         exact_s, exact_ids = timed_search(exact, queries)
         exact_step = step_ms(exact)
         bar.update()
@@ -99,11 +142,12 @@ def run_index_suite(
             bar.set_postfix_str(f"{tokens:,} tokens, {kind}")
             params = index_params(kind, tokens, nprobe_div)
             client = InProcessClient()
-            build_s = fill(client, tokens, index=kind, **params)
+            build_s = fill(client, tokens, keys, index=kind, **params)
             latency, ids = timed_search(client, queries)
             rows.append(
                 {
                     "tokens": tokens,
+                    "keys": keys.name,
                     "index": kind,
                     **params,
                     "recall_at_16": round(recall(ids, exact_ids), 4),
@@ -168,12 +212,15 @@ def check(kinds: list[str]) -> None:
 
 
 def run(
-    out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True
+    out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True,
+    keys: Keys | None = None,
 ) -> list[dict]:
     """Run the suite, write `index_scaling.json` and the plots to `out`; the rows."""
     check(kinds)
+    keys = keys or Keys()
+    keys.check(sizes)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run_index_suite(sizes, kinds, nprobe_div, progress)
+    rows = run_index_suite(sizes, kinds, nprobe_div, progress, keys)
     (out / "index_scaling.json").write_text(json.dumps({"rows": rows}, indent=1))
     plot(rows, out)
     return rows
