@@ -17,10 +17,13 @@ layer even with memory on; training opens it head by head (first-order: its grad
 the loss change memory would bring). `bias` shifts a head's memory share; both are the
 "gates", trained with their own learning rate and no weight decay.
 
-With `token_gate`, each token's hidden state also moves its heads' gates: scale and bias
-become `scale_h + u_h . h_t` and `bias_h + v_h . h_t` (h_t the layer's normed input, u and v
-one zero-initialised linear map), so memory can open for the tokens that recall and stay
-moderate for ordinary text, which a per-head constant cannot do (docs/method.md section 7).
+With `token_gate`, a head's gate has three parts, all starting at 0: one shared by every
+memory head (`SharedGate`, trained fastest: its gradient sums every head's, so memory opens
+as a whole), the head's own (trained at `HEAD_GATE_LR` of that rate), and the token's: a
+linear map of the layer's normed input h_t, so scale and bias become
+`shared + scale_h + u_h . h_t` and `shared + bias_h + v_h . h_t`. Memory can then open for
+the tokens that recall and stay moderate for ordinary text, which a per-head constant
+cannot do (docs/method.md section 7).
 
 Retrieval (in `sidenet.SideNet`, once per step for all memory layers) uses the backbone's
 own query of this layer, rotated the same way, against the chunks' mean keys; here each
@@ -125,16 +128,33 @@ def mix_memory(
     return a + (scale * w).to(a.dtype)[..., None] * (m - a)
 
 
+class SharedGate(nn.Module):
+    """The part of every memory head's gate that all of them share: scalars `scale` and
+    `bias`, both starting at 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(()))
+
+
+HEAD_GATE_LR = 0.1  # with token gates: the per-head gates' lr, as a fraction of the gates'
+
+
 class JointAttentionLayer(nn.Module):
     """A deep-copied backbone decoder layer whose self-attention becomes joint attention.
 
-    New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0,
-    and with `token_gate` the map `token_gate` (C -> 2 Hq, starting at 0) from the token's
-    normed input to its heads' scale and bias offsets.
+    New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0;
+    with a `shared` gate (token gates) also the map `token_gate` (C -> 2 Hq, starting at 0)
+    from the token's normed input to its heads' scale and bias offsets.
     """
 
     def __init__(
-        self, layer: nn.Module, backbone: Backbone, to_memory: MemoryDistance, token_gate: bool
+        self,
+        layer: nn.Module,
+        backbone: Backbone,
+        to_memory: MemoryDistance,
+        shared: SharedGate | None = None,
     ):
         super().__init__()
         self.layer = layer
@@ -143,23 +163,23 @@ class JointAttentionLayer(nn.Module):
         self.head_dim = backbone.head_dim
         self.scale = nn.Parameter(torch.zeros(self.n_heads))
         self.bias = nn.Parameter(torch.zeros(self.n_heads))
-        self.token_gate = None
-        if token_gate:
+        self.shared, self.token_gate = shared, None
+        if shared is not None:
             hidden = backbone.model.config.hidden_size
             self.token_gate = nn.Linear(hidden, 2 * self.n_heads, bias=False)
             nn.init.zeros_(self.token_gate.weight)
         self.to_memory = to_memory
 
     def gates(self) -> list[nn.Parameter]:
-        """The per-head gates and, with `token_gate`, its map's weight."""
+        """This layer's own gates: per head and, with token gates, the map's weight."""
         return [self.scale, self.bias] + ([self.token_gate.weight] if self.token_gate else [])
 
     def head_gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed input h (B, T, C) -> each token's scale and bias, (H,) or (B, T, H)."""
-        if self.token_gate is None:
+        if self.shared is None:
             return self.scale, self.bias
         d_scale, d_bias = self.token_gate(h).float().chunk(2, dim=-1)  # (B, T, H) each
-        return self.scale + d_scale, self.bias + d_bias
+        return (self.shared.scale + self.scale + d_scale, self.shared.bias + self.bias + d_bias)
 
     def forward(
         self,

@@ -85,13 +85,15 @@ class LongMemModel(nn.Module):
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
     def gates(self) -> dict[str, torch.Tensor]:
-        """The memory layers' per-head gates, detached: {"scale": (n_mem, Hq), "bias": ...};
-        with token gates also the norm of each head's row of their map ("token_scale",
-        "token_bias")."""
+        """The memory layers' per-head gates (with the shared part), detached:
+        {"scale": (n_mem, Hq), "bias": ...}; with token gates also the norm of each head's
+        row of their map ("token_scale", "token_bias")."""
         joint = self.sidenet.joint_layers
+        shared = self.sidenet.shared_gate
         out = {name: torch.stack([getattr(j, name).detach() for j in joint])
+               + (getattr(shared, name).detach() if shared is not None else 0)
                for name in ("scale", "bias")}
-        if self.config.token_gate:
+        if shared is not None:
             norms = torch.stack([j.token_gate.weight.detach().norm(dim=1) for j in joint])
             out["token_scale"], out["token_bias"] = norms.chunk(2, dim=1)  # (n_mem, Hq) each
         return out

@@ -44,7 +44,13 @@ import torch
 from torch import nn
 
 from model_worker.backbone import Backbone, BackboneOutput
-from model_worker.joint_attention import JointAttentionLayer, Retrieve, Retrieved, run_layer
+from model_worker.joint_attention import (
+    JointAttentionLayer,
+    Retrieve,
+    Retrieved,
+    SharedGate,
+    run_layer,
+)
 from model_worker.memory import SearchResult
 from model_worker.positions import MemoryDistance
 
@@ -130,19 +136,20 @@ class SideNet(nn.Module):
         self.sources = config.memory_sources(backbone.n_layers)
         self.first = (self.sources[0] + 1) // self.r - 1  # SideNet index of self.layers[0]
         self.to_memory = MemoryDistance(backbone.rotary_at(config.memory_distance))
+        self.shared_gate = SharedGate() if config.token_gate else None
         src = backbone.adapter.layers(backbone.model)
         layers = []
         for i in range(self.first, backbone.n_layers // self.r):
             layer = copy.deepcopy(src[self.source(i)])
             joint = self.source(i) in self.sources
             if joint:
-                layer = JointAttentionLayer(layer, backbone, self.to_memory, config.token_gate)
+                layer = JointAttentionLayer(layer, backbone, self.to_memory, self.shared_gate)
             train = config.train_layers == "all" or (joint and config.train_layers == "memory")
             layer.requires_grad_(train)
-            for gate in layer.gates() if joint else []:
-                gate.requires_grad_(True)
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
+        for gate in self.gates():  # the gates always train
+            gate.requires_grad_(True)
 
     def source(self, i: int) -> int:
         """0-based backbone layer that SideNet layer i copies."""
@@ -153,7 +160,9 @@ class SideNet(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, JointAttentionLayer)]
 
     def gates(self) -> list[nn.Parameter]:
-        return [p for layer in self.joint_layers for p in layer.gates()]
+        """Every gate parameter: the shared gate's (token gates), then each layer's."""
+        shared = list(self.shared_gate.parameters()) if self.shared_gate is not None else []
+        return shared + [p for layer in self.joint_layers for p in layer.gates()]
 
     def forward(
         self, bb: BackboneOutput, retrieve: Retrieve | None, n_context: int = 0

@@ -29,6 +29,7 @@ from memory_service.files import atomic_dir
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import SEGMENT_LEN, MemoryConfig
 from model_worker.data import Corpus, RecallCorpus, Streams
+from model_worker.joint_attention import HEAD_GATE_LR
 from model_worker.model import LongMemModel
 from model_worker.session import (
     UNTRAINED,
@@ -107,18 +108,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
-    """Weights with lr and weight decay; the memory gates with their own lr (the token
-    gates' map with its own); biases, norm weights and gates without weight decay."""
-    gates = {id(p) for p in model.sidenet.gates()}
-    groups = {"weights": [], "no_decay": [], "gates": [], "token_gates": []}
+    """Weights with lr and weight decay; biases, norm weights and gates without. The memory
+    gates have their own lr; with token gates that is the shared gate's, the per-head gates
+    train at `HEAD_GATE_LR` of it and the token map at `token_gate_lr`."""
+    sidenet = model.sidenet
+    gates = {id(p) for p in sidenet.gates()}
+    shared = {id(p) for p in sidenet.shared_gate.parameters()} if sidenet.shared_gate else set()
+    groups = {"weights": [], "no_decay": [], "gates": [], "head_gates": [], "token_gates": []}
     for p in model.trainable_parameters():
-        if id(p) in gates:
-            kind = "gates" if p.ndim < 2 else "token_gates"
+        if id(p) in gates and p.ndim == 2:
+            kind = "token_gates"
+        elif id(p) in gates:
+            kind = "gates" if id(p) in shared or not shared else "head_gates"
         else:
             kind = "no_decay" if p.ndim < 2 else "weights"
         groups[kind].append(p)
     lrs = {"weights": cfg.lr, "no_decay": cfg.lr, "gates": cfg.gate_lr,
-           "token_gates": cfg.token_gate_lr}
+           "head_gates": cfg.gate_lr * HEAD_GATE_LR, "token_gates": cfg.token_gate_lr}
     return [
         {"name": kind, "params": params, "lr": lrs[kind],
          "weight_decay": cfg.weight_decay if kind == "weights" else 0.0}

@@ -130,13 +130,19 @@ def test_optimizer_groups_give_gates_their_own_rate_and_no_decay(assets):
     model, _ = load_model(str(assets[0]), None, cfg)
     train_cfg = TrainConfig(lr=1e-4, gate_lr=0.05, token_gate_lr=1e-3)
     groups = {g["name"]: g for g in param_groups(model, train_cfg)}
-    joint = model.sidenet.joint_layers
-    assert {id(p) for p in groups["gates"]["params"]} == {
+    joint, shared = model.sidenet.joint_layers, model.sidenet.shared_gate
+    assert {id(p) for p in groups["gates"]["params"]} == {id(shared.scale), id(shared.bias)}
+    assert {id(p) for p in groups["head_gates"]["params"]} == {
         id(p) for j in joint for p in (j.scale, j.bias)}
     assert {id(p) for p in groups["token_gates"]["params"]} == {
         id(j.token_gate.weight) for j in joint}
-    assert groups["gates"]["lr"] == 0.05 and groups["gates"]["weight_decay"] == 0.0
-    assert groups["token_gates"]["lr"] == 1e-3 and groups["token_gates"]["weight_decay"] == 0.0
+    assert groups["gates"]["lr"] == 0.05 and groups["head_gates"]["lr"] == pytest.approx(0.005)
+    assert groups["token_gates"]["lr"] == 1e-3
+    assert all(groups[k]["weight_decay"] == 0.0 for k in ("gates", "head_gates", "token_gates"))
+    plain, _ = load_model(str(assets[0]), None, SideNetConfig(k=8, chunk_size=2))
+    per_head = {g["name"]: g for g in param_groups(plain, train_cfg)}  # no token gates
+    assert per_head["gates"]["lr"] == 0.05
+    assert len(per_head["gates"]["params"]) == 2 * len(plain.sidenet.joint_layers)
     assert groups["no_decay"]["weight_decay"] == 0.0
     assert groups["weights"]["params"] and all(p.ndim == 2 for p in groups["weights"]["params"])
     assert sum(len(g["params"]) for g in groups.values()) == len(model.trainable_parameters())
