@@ -21,6 +21,7 @@ from memory_service.tls import add_client_args
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import SEGMENT_LEN, MemoryConfig
 from model_worker.sidenet import TRAIN_LAYERS, SideNetConfig
+from model_worker.train import TrainConfig
 
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 # Text the shipped weights never saw (from two books held out of their training), for demo
@@ -104,7 +105,7 @@ def _add_checkpoint(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model_worker.train import TrainConfig, train
+    from model_worker.train import train
 
     s = train(_config(TrainConfig, args))
     print(
@@ -222,16 +223,22 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--gate-lr", type=float, default=2e-2, help="lr of the memory gates")
     p.add_argument(
-        "--token-gate", action="store_true",
-        help="each token's hidden state also sets its memory heads' gates (a linear map)",
+        "--gate-lr", type=float, default=TrainConfig.gate_lr,
+        help="lr of the memory gates (with token gates: the shared part; each head's own "
+        "trains at a tenth of it)",
     )
     p.add_argument(
-        "--token-gate-lr", type=float, default=1e-3, help="lr of the token gates' linear map"
+        "--token-gate", action=argparse.BooleanOptionalAction, default=SideNetConfig.token_gate,
+        help="gates shared by every memory head and set by each token's hidden state (a "
+        "linear map), besides each head's own; --no-token-gate: per-head gates only",
     )
     p.add_argument(
-        "--recall-weight", type=float, default=5.0,
+        "--token-gate-lr", type=float, default=TrainConfig.token_gate_lr,
+        help="lr of the token gates' map",
+    )
+    p.add_argument(
+        "--recall-weight", type=float, default=TrainConfig.recall_weight,
         help="loss weight of the tokens only memory can predict (answers, repeated passages)",
     )
     p.add_argument("--warmup", type=int, default=10)
@@ -245,7 +252,7 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
         "--train-layers", choices=TRAIN_LAYERS, default=SideNetConfig.train_layers,
-        help="gates: the memory layers' per-head gates; memory: those layers too; all: "
+        help="gates: the memory layers' gates; memory: those layers too; all: "
         "every SideNet layer",
     )
     _add_memory(p)

@@ -223,7 +223,7 @@ class LongMemModel(nn.Module):
                 f"checkpoint {path} was made for backbone {theirs.get('name')!r}, not this "
                 f"model's backbone {mine['name']!r} ({why})"
             )
-        theirs = SideNetConfig(**meta["sidenet"]).to_dict()  # options added since: defaults
+        theirs = SideNetConfig.from_dict(meta["sidenet"]).to_dict()
         if theirs != self.config.to_dict():
             raise ValueError(
                 f"checkpoint {path} has SideNet config {theirs}, model has "

@@ -70,7 +70,7 @@ def load_model(
                 f"checkpoint {checkpoint} not found (a folder written by longmem train)"
             )
         meta = json.loads(meta_file.read_text())
-        sidenet = SideNetConfig(**meta["sidenet"])
+        sidenet = SideNetConfig.from_dict(meta["sidenet"])
         backbone = backbone or meta["backbone"]["name"]
     try:
         model, tokenizer = LongMemModel.from_backbone(backbone or DEFAULT_BACKBONE, sidenet)

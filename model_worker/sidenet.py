@@ -30,9 +30,9 @@ step, however many layers use it.
 
 Layers below the band never see memory: untrained copies there are the backbone's own
 layers, so their output is `H[r*i]` and the SideNet starts at the band. `train_layers`
-chooses what trains: `gates` (default: each joint-attention layer's per-head scale and
-bias), `memory` (the band's layers and their gates) or `all` (every copy). Checkpoints
-store only what trains; frozen copies are rebuilt from the backbone.
+chooses what trains: `gates` (default: the joint-attention layers' gates), `memory` (the
+band's layers and their gates) or `all` (every copy). Checkpoints store only what trains;
+frozen copies are rebuilt from the backbone.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ class SideNetConfig:
     memory_distance: the query meets memory keys (stored without position) as if they sat
         this many tokens back (rotary backbones; 0 = un-rotated).
     train_layers: `gates`, `memory` (the band's layers and gates) or `all` SideNet layers.
-    token_gate: each token's hidden state also sets its heads' gates (`JointAttentionLayer`).
+    token_gate: gates with a part shared by every memory head and a part set by each
+        token's hidden state, besides each head's own (`JointAttentionLayer`); off: per-head
+        gates only.
     use_memory: off = every layer is plain local attention.
     """
 
@@ -89,7 +91,7 @@ class SideNetConfig:
     context: int = 64
     memory_distance: int = 512
     train_layers: str = "gates"
-    token_gate: bool = False
+    token_gate: bool = True
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:
@@ -124,6 +126,11 @@ class SideNetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SideNetConfig:
+        """The config a checkpoint stored (those written before token gates had none)."""
+        return cls(**({"token_gate": False} | d))
 
 
 class SideNet(nn.Module):

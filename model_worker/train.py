@@ -59,9 +59,9 @@ class TrainConfig:
     steps: int = 100  # optimizer steps
     grad_accum: int = 1
     lr: float = 2e-4
-    gate_lr: float = 2e-2  # the memory gates (scale, bias): own rate, no weight decay
+    gate_lr: float = 0.1  # the memory gates (the shared part): own rate, no weight decay
     token_gate_lr: float = 1e-3  # the token gates' map (hidden size inputs: a smaller rate)
-    recall_weight: float = 5.0  # loss weight of the tokens only memory can predict (recall mix)
+    recall_weight: float = 2.0  # loss weight of the tokens only memory can predict (recall mix)
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -78,7 +78,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """The inverse of `dataclasses.asdict` (Ray Train passes the config as a dict)."""
-        nested = {"memory": MemoryConfig(**d["memory"]), "sidenet": SideNetConfig(**d["sidenet"])}
+        nested = {"memory": MemoryConfig(**d["memory"]),
+                  "sidenet": SideNetConfig.from_dict(d["sidenet"])}
         return cls(**{**d, **nested})
 
 

@@ -46,7 +46,9 @@ def test_long_range_copy_through_memory(one_thread):
     backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():
         backbone.lm_head.weight.mul_(10.0)
-    cfg = SideNetConfig(r=2, memory_layers=[1, 1], k=32, chunk_size=4, train_layers="all")
+    cfg = SideNetConfig(  # per-head gates: what is tested is the memory path, not the gates
+        r=2, memory_layers=[1, 1], k=32, chunk_size=4, train_layers="all", token_gate=False
+    )
     model = LongMemModel(backbone, cfg)
     mem = InProcessClient()
     streams = [f"s{b}" for b in range(B)]

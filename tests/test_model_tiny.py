@@ -171,7 +171,7 @@ def test_token_gates_start_closed_and_give_each_token_its_own_gate(family):
     """With token gates the untrained model is still the backbone (memory on, full banks);
     once their map is non-zero, tokens of the same head get different gates, and memory
     changes the logits."""
-    model = tiny_model(FAMILIES[family](), token_gate=True)
+    model = tiny_model(FAMILIES[family]())  # token gates: the default
     ids = torch.randint(0, VOCAB, (2, 12))
     mem = filled_memory(model, ["a", "b"], 24, seed=1)
     out = model(ids, ["a", "b"], mem, references=True)
@@ -236,7 +236,7 @@ def test_only_sidenet_trains_and_backbone_is_bit_identical(model):
     before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     trainable = {id(p) for p in model.trainable_parameters()}
     assert trainable == {id(p) for p in model.sidenet.gates()}  # train_layers="gates"
-    assert len(trainable) == 4  # scale and bias of both memory layers
+    assert len(trainable) == 8  # shared scale and bias; per head and token map, 2 layers
     joint = model.sidenet.joint_layers[0]
     assert all(not p.requires_grad for p in model.backbone.parameters())
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.01)
@@ -366,10 +366,12 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
         other_weights.load_checkpoint(tmp_path / "ck")
     with pytest.raises(ValueError, match="made for backbone 'tiny-0'.*model_type"):
         tiny_model(gpt2_config(), train_layers="memory").load_checkpoint(tmp_path / "ck")
-    meta = json.loads((tmp_path / "ck" / "longmem.json").read_text())
-    del meta["sidenet"]["token_gate"]  # a checkpoint written before the option existed
-    (tmp_path / "ck" / "longmem.json").write_text(json.dumps(meta))
-    fresh.load_checkpoint(tmp_path / "ck")
+
+    per_head = tiny_model(llama_config(), token_gate=False)  # as before token gates existed
+    per_head.save_checkpoint(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "longmem.json").read_text())
+    del meta["sidenet"]["token_gate"]
+    (tmp_path / "old" / "longmem.json").write_text(json.dumps(meta))
+    tiny_model(llama_config(), token_gate=False).load_checkpoint(tmp_path / "old")
     with pytest.raises(ValueError, match="SideNet config"):
-        tiny_model(llama_config(), train_layers="memory", token_gate=True).load_checkpoint(
-            tmp_path / "ck")
+        tiny_model(llama_config()).load_checkpoint(tmp_path / "old")
