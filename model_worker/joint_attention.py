@@ -121,8 +121,8 @@ def mix_memory(
     """y = A + scale_h * sigmoid(lse_M - lse_A + bias_h) * (M - A).
 
     a, m (B, T, H, D); lse_a, lse_m (B, T, H); scale, bias (H,) or per token (B, T, H).
-    With scale 1 and bias 0
-    this is attention with one softmax over the local and the memory scores together.
+    With scale 1 and bias 0 this is attention with one softmax over the local and the
+    memory scores together.
     """
     w = torch.sigmoid(lse_m - lse_a + bias)  # (B, T, H) memory's share of the joint mass
     return a + (scale * w).to(a.dtype)[..., None] * (m - a)
@@ -179,7 +179,7 @@ class JointAttentionLayer(nn.Module):
         if self.shared is None:
             return self.scale, self.bias
         d_scale, d_bias = self.token_gate(h).float().chunk(2, dim=-1)  # (B, T, H) each
-        return (self.shared.scale + self.scale + d_scale, self.shared.bias + self.bias + d_bias)
+        return self.shared.scale + self.scale + d_scale, self.shared.bias + self.bias + d_bias
 
     def forward(
         self,
