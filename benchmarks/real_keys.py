@@ -43,9 +43,8 @@ def main() -> None:
     model, tokenizer = load_model(None, "none")
     corpus = Corpus(args.books, tokenizer, SEG)
     docs = corpus.documents()
-    n_layers = len(model.sidenet.sources)
-    per_token = n_layers  # key rows per token of text
-    available = sum(len(d.tokens) - CTX for d in docs) * per_token
+    n_layers = len(model.sidenet.sources)  # key rows per token of text
+    available = sum(len(d.tokens) - CTX for d in docs) * n_layers
     if args.tokens > available:
         raise SystemExit(f"--tokens {args.tokens:,}: the books give only {available:,} key rows")
     out = Path(args.out)
@@ -53,26 +52,25 @@ def main() -> None:
     shape = (args.tokens, model.backbone.n_kv_heads, model.head_dim)
     keys = np.lib.format.open_memmap(out / "keys.npy", "w+", np.float16, shape)
     bar = tqdm(total=args.tokens, unit="row", unit_scale=True, desc="keys")
+    grid = ((d.tokens, w) for d in docs[::-1] for w in windows(len(d.tokens), SEG, CTX))
     done, queries = 0, None
-    with torch.no_grad():
-        for doc in docs[::-1]:  # the last book first: the queries come from its start
-            ids = doc.tokens
-            for w0, s0, end in windows(len(ids), SEG, CTX):
-                if done == args.tokens:
-                    break
-                bb = model.backbone(ids[None, w0:end])
-                k = bb.keys[0, s0 - w0:]  # (T, n_mem * Hkv, D)
-                rows = k.reshape(len(k) * n_layers, *shape[1:])  # (T * n_mem, Hkv, D)
-                take = min(len(rows), args.tokens - done)
-                keys[done: done + take] = rows[:take].to(torch.float16).numpy()
-                done += take
-                bar.update(take)
-                if queries is None:
-                    queries = layer_queries(model, bb.queries[0, s0 - w0:], n_layers)
+    with torch.no_grad():  # the last book first: the queries come from its start
+        for ids, (w0, s0, end) in grid:
+            if done == args.tokens:
+                break
+            bb = model.backbone(ids[None, w0:end])
+            k = bb.keys[0, s0 - w0:]  # (T, n_mem * Hkv, D)
+            rows = k.reshape(len(k) * n_layers, *shape[1:])  # (T * n_mem, Hkv, D)
+            take = min(len(rows), args.tokens - done)
+            keys[done: done + take] = rows[:take].to(torch.float16).numpy()
+            done += take
+            bar.update(take)
+            if queries is None:
+                queries = layer_queries(model, bb.queries[0, s0 - w0:], n_layers)
     bar.close()
     keys.flush()
     np.save(out / "queries.npy", queries.to(torch.float16).numpy())
-    print(f"wrote {done:,} key rows ({math.ceil(done / per_token):,} tokens x {n_layers} "
+    print(f"wrote {done:,} key rows ({math.ceil(done / n_layers):,} tokens x {n_layers} "
           f"layers) and {N_QUERIES} queries to {out}")
 
 

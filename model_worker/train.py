@@ -117,12 +117,12 @@ def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
     shared = {id(p) for p in sidenet.shared_gate.parameters()} if sidenet.shared_gate else set()
     groups = {"weights": [], "no_decay": [], "gates": [], "head_gates": [], "token_gates": []}
     for p in model.trainable_parameters():
-        if id(p) in gates and p.ndim == 2:
-            kind = "token_gates"
-        elif id(p) in gates:
-            kind = "gates" if id(p) in shared or not shared else "head_gates"
-        else:
+        if id(p) not in gates:
             kind = "no_decay" if p.ndim < 2 else "weights"
+        elif p.ndim == 2:
+            kind = "token_gates"
+        else:
+            kind = "head_gates" if shared and id(p) not in shared else "gates"
         groups[kind].append(p)
     lrs = {"weights": cfg.lr, "no_decay": cfg.lr, "gates": cfg.gate_lr,
            "head_gates": cfg.gate_lr * HEAD_GATE_LR, "token_gates": cfg.token_gate_lr}

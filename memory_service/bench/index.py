@@ -123,11 +123,9 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def run_index_suite(
-    sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True,
-    keys: Keys | None = None,
+    sizes: list[int], kinds: list[str], nprobe_div: int, progress: bool, keys: Keys
 ) -> list[dict]:
     """One row per (size, index) (see the module doc)."""
-    keys = keys or Keys()
     queries = keys.queries
     rows = []
     bar = tqdm(total=len(sizes) * (1 + len(kinds)), desc="index", disable=not progress)
