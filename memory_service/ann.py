@@ -135,7 +135,8 @@ class AnnIndex:
             _, labels = index.search(np.ascontiguousarray(queries[h].numpy()), fetch, params=params)
             found = labels >= 0
             slots[h][torch.from_numpy(found)] = torch.from_numpy(self.label_slot[labels[found]])
-        vectors = means.cpu()[torch.arange(H)[:, None, None], slots.clamp(min=0)]  # (H, b, f, D)
+        heads = torch.arange(H, device=means.device)[:, None, None]
+        vectors = means[heads, slots.to(means.device).clamp(min=0)].cpu()  # (H, b, f, D)
         exact = torch.einsum("hbd,hbfd->hbf", queries, vectors).masked_fill(slots < 0, -math.inf)
         top = exact.topk(min(top_k, fetch), dim=-1)
         slots = slots.gather(-1, top.indices).masked_fill(~torch.isfinite(top.values), -1)

@@ -680,6 +680,7 @@ class ChunkStore:
             slots = slots.to(torch.int64)
         else:
             slots = (ids // self.n_shards) % self.slots
+        heads, slots, ids = (t.to(self.device) for t in (heads, slots, ids))
         if ids.numel() and (
             bool((ids % self.n_shards != self.shard).any())
             or int(slots.max()) >= self.used
@@ -690,9 +691,8 @@ class ChunkStore:
         ):
             raise NotFound("some requested chunks are not (or no longer) on this shard")
         if self.lra:
-            self.last_used[slots] = self.clock
+            self.last_used[slots.cpu()] = self.clock
             self.clock += 1
-        heads, slots = heads.to(self.device), slots.to(self.device)
         keys, values = self.keys[heads, slots], self.values[heads, slots]
         if self.spec.quantized:
             keys = dequantize(keys, self.key_scales[heads, slots], self.spec.bits)

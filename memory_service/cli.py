@@ -253,7 +253,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     index = bench.add_argument_group("index")
     index.add_argument("--sizes", default="65536,262144,1048576", help="bank sizes in tokens")
-    index.add_argument("--kinds", default="ivf_flat,ivf_pq,hnsw", help="approximate indexes")
+    bench.add_argument(
+        "--device", default="cpu",
+        help="where the index suite keeps its in-process banks (cpu or cuda: GPU shards)",
+    )
+    index.add_argument(
+        "--kinds", default="ivf_flat,ivf_pq,hnsw",
+        help="approximate indexes ('': exact search alone)",
+    )
     index.add_argument("--nprobe-div", type=int, default=32, help="IVF nprobe = nlist // this")
     index.add_argument(
         "--index-keys", default=None, metavar="FOLDER",

@@ -58,6 +58,7 @@ def _config(cls, args: argparse.Namespace):
             r=args.r, memory_layers=args.memory_layers, k=args.k, chunk_size=args.chunk_size,
             train_layers=getattr(args, "train_layers", SideNetConfig.train_layers),
             token_gate=getattr(args, "token_gate", SideNetConfig.token_gate),
+            memory_rank=getattr(args, "memory_rank", SideNetConfig.memory_rank),
         )
     return cls(**kw)
 
@@ -236,6 +237,15 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--token-gate-lr", type=float, default=TrainConfig.token_gate_lr,
         help="lr of the token gates' map",
+    )
+    p.add_argument(
+        "--memory-rank", type=int, default=SideNetConfig.memory_rank,
+        help="rank of the low-rank maps on each memory layer's memory path (the query that "
+        "reads memory, and memory's change to the output); 0: none",
+    )
+    p.add_argument(
+        "--adapter-lr", type=float, default=TrainConfig.adapter_lr,
+        help="lr of the memory path's low-rank maps",
     )
     p.add_argument(
         "--recall-weight", type=float, default=TrainConfig.recall_weight,

@@ -25,6 +25,13 @@ linear map of the layer's normed input h_t, so scale and bias become
 the tokens that recall and stay moderate for ordinary text, which a per-head constant
 cannot do (docs/method.md section 7).
 
+With `memory_rank` r > 0 the memory path also gets two rank-r maps, both starting at 0 and
+acting on memory alone (memory off, the layer is the backbone's whatever they learn):
+`memory_query` adds to the query that reads memory, `q_M = q + U_q V_q h_t`, so a layer can
+ask memory for something other than what it asks its window; `memory_out` adds
+`U_o V_o d` to the residual stream, where `d = y - A` is what memory changed in the heads'
+output, so memory's contribution need not pass through the frozen output projection alone.
+
 Retrieval (in `sidenet.SideNet`, once per step for all memory layers) uses the backbone's
 own query of this layer, rotated the same way, against the chunks' mean keys; here each
 layer attends to its share of what was found with its own query. Retrieved keys/values are
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model_worker.backbone import Backbone
@@ -138,6 +146,19 @@ class SharedGate(nn.Module):
         self.bias = nn.Parameter(torch.zeros(()))
 
 
+class LowRank(nn.Module):
+    """x -> up(down(x)), a rank-r linear map that starts at 0 (`up` is zero-initialised)."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(d_in, rank, bias=False)
+        self.up = nn.Linear(rank, d_out, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
 HEAD_GATE_LR = 0.1  # with token gates: the per-head gates' lr, as a fraction of the gates'
 
 
@@ -146,7 +167,8 @@ class JointAttentionLayer(nn.Module):
 
     New parameters: the per-head gates `scale` (Hq,) and `bias` (Hq,), both starting at 0;
     with a `shared` gate (token gates) also the map `token_gate` (C -> 2 Hq, starting at 0)
-    from the token's normed input to its heads' scale and bias offsets.
+    from the token's normed input to its heads' scale and bias offsets; with
+    `memory_rank` > 0 the memory path's maps `memory_query` and `memory_out` (`LowRank`).
     """
 
     def __init__(
@@ -155,6 +177,7 @@ class JointAttentionLayer(nn.Module):
         backbone: Backbone,
         to_memory: MemoryDistance,
         shared: SharedGate | None = None,
+        memory_rank: int = 0,
     ):
         super().__init__()
         self.layer = layer
@@ -169,10 +192,20 @@ class JointAttentionLayer(nn.Module):
             self.token_gate = nn.Linear(hidden, 2 * self.n_heads, bias=False)
             nn.init.zeros_(self.token_gate.weight)
         self.to_memory = to_memory
+        self.memory_query = self.memory_out = None
+        if memory_rank > 0:
+            hidden, width = backbone.model.config.hidden_size, self.n_heads * self.head_dim
+            self.memory_query = LowRank(hidden, width, memory_rank)
+            self.memory_out = LowRank(width, hidden, memory_rank)
 
     def gates(self) -> list[nn.Parameter]:
         """This layer's own gates: per head and, with token gates, the map's weight."""
         return [self.scale, self.bias] + ([self.token_gate.weight] if self.token_gate else [])
+
+    def adapters(self) -> list[nn.Parameter]:
+        """The memory path's low-rank maps (none when memory_rank is 0)."""
+        maps = [m for m in (self.memory_query, self.memory_out) if m is not None]
+        return [p for m in maps for p in m.parameters()]
 
     def head_gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed input h (B, T, C) -> each token's scale and bias, (H,) or (B, T, H)."""
@@ -199,12 +232,18 @@ class JointAttentionLayer(nn.Module):
         scaling = ad.attn(layer).scaling
         a, lse_a = local_attention(q_rot, k_rot, v, scaling, layer_kwargs.get("attention_mask"))
         to = {"device": q.device, "dtype": q.dtype}
+        q_m, h_m = q[:, n_context:], h[:, n_context:]  # the tokens that read memory
+        if self.memory_query is not None:
+            q_m = q_m + self.memory_query(h_m).view_as(q_m)
         m, lse_m = memory_attention(
-            self.to_memory(q[:, n_context:]), found.keys.to(**to), found.values.to(**to),
+            self.to_memory(q_m), found.keys.to(**to), found.values.to(**to),
             found.mask.to(q.device), scaling,
         )
-        scale, bias = self.head_gates(h[:, n_context:])
+        scale, bias = self.head_gates(h_m)
         y_new = mix_memory(a[:, n_context:], lse_a[:, n_context:], m, lse_m, scale, bias)
         y = torch.cat([a[:, :n_context], y_new], dim=1)  # (B, T, Hq, D)
         x = x + ad.out_proj(layer, y.flatten(2))
+        if self.memory_out is not None:  # memory's change to the heads' output, d = y - A
+            d = self.memory_out((y_new - a[:, n_context:]).flatten(2))  # (B, T', C)
+            x = x + F.pad(d, (0, 0, n_context, 0))
         return x + ad.mlp(layer)(ad.norm2(layer)(x))

@@ -31,7 +31,8 @@ step, however many layers use it.
 Layers below the band never see memory: untrained copies there are the backbone's own
 layers, so their output is `H[r*i]` and the SideNet starts at the band. `train_layers`
 chooses what trains: `gates` (default: the joint-attention layers' gates), `memory` (the
-band's layers and their gates) or `all` (every copy). Checkpoints store only what trains;
+band's layers and their gates) or `all` (every copy); the gates and the memory path's
+low-rank maps (`memory_rank`) train in every case. Checkpoints store only what trains;
 frozen copies are rebuilt from the backbone.
 """
 
@@ -81,6 +82,8 @@ class SideNetConfig:
     token_gate: gates with a part shared by every memory head and a part set by each
         token's hidden state, besides each head's own (`JointAttentionLayer`); off: per-head
         gates only.
+    memory_rank: rank of the memory path's low-rank maps in every joint-attention layer
+        (`JointAttentionLayer`; 0 = none).
     use_memory: off = every layer is plain local attention.
     """
 
@@ -92,6 +95,7 @@ class SideNetConfig:
     memory_distance: int = 512
     train_layers: str = "gates"
     token_gate: bool = True
+    memory_rank: int = 0
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:
@@ -114,6 +118,8 @@ class SideNetConfig:
             raise ValueError(f"context {self.context} must be >= 0")
         if self.memory_distance < 0:
             raise ValueError(f"memory_distance {self.memory_distance} must be >= 0")
+        if self.memory_rank < 0:
+            raise ValueError(f"memory_rank {self.memory_rank} must be >= 0")
         if self.train_layers not in TRAIN_LAYERS:
             raise ValueError(f"train_layers {self.train_layers!r} not in {TRAIN_LAYERS}")
         return resolved
@@ -129,8 +135,9 @@ class SideNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SideNetConfig:
-        """The config a checkpoint stored (those written before token gates had none)."""
-        return cls(**({"token_gate": False} | d))
+        """The config a checkpoint stored (older ones have neither token gates nor memory
+        maps, and no key for them)."""
+        return cls(**({"token_gate": False, "memory_rank": 0} | d))
 
 
 class SideNet(nn.Module):
@@ -150,13 +157,15 @@ class SideNet(nn.Module):
             layer = copy.deepcopy(src[self.source(i)])
             joint = self.source(i) in self.sources
             if joint:
-                layer = JointAttentionLayer(layer, backbone, self.to_memory, self.shared_gate)
+                layer = JointAttentionLayer(
+                    layer, backbone, self.to_memory, self.shared_gate, config.memory_rank
+                )
             train = config.train_layers == "all" or (joint and config.train_layers == "memory")
             layer.requires_grad_(train)
             layers.append(layer)
         self.layers = nn.ModuleList(layers)
-        for gate in self.gates():  # the gates always train
-            gate.requires_grad_(True)
+        for p in self.gates() + self.adapters():  # the memory path always trains
+            p.requires_grad_(True)
 
     def source(self, i: int) -> int:
         """0-based backbone layer that SideNet layer i copies."""
@@ -170,6 +179,10 @@ class SideNet(nn.Module):
         """Every gate parameter: the shared gate's (token gates), then each layer's."""
         shared = list(self.shared_gate.parameters()) if self.shared_gate is not None else []
         return shared + [p for layer in self.joint_layers for p in layer.gates()]
+
+    def adapters(self) -> list[nn.Parameter]:
+        """Every memory-path low-rank map's parameters (none when memory_rank is 0)."""
+        return [p for layer in self.joint_layers for p in layer.adapters()]
 
     def forward(
         self, bb: BackboneOutput, retrieve: Retrieve | None, n_context: int = 0

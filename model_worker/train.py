@@ -61,6 +61,7 @@ class TrainConfig:
     lr: float = 2e-4
     gate_lr: float = 0.1  # the memory gates (the shared part): own rate, no weight decay
     token_gate_lr: float = 1e-3  # the token gates' map (hidden size inputs: a smaller rate)
+    adapter_lr: float = 1e-3  # the memory path's low-rank maps (SideNetConfig.memory_rank)
     recall_weight: float = 2.0  # loss weight of the tokens only memory can predict (recall mix)
     warmup: int = 10
     weight_decay: float = 0.01
@@ -108,16 +109,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return max(0.0, 1 - (step + 1 - cfg.warmup) / (cfg.steps + 1 - cfg.warmup))
 
 
+def adapter_norm(model: LongMemModel) -> float:
+    """How far the memory path's low-rank maps have moved from 0: the norm of their
+    zero-initialised `up` halves together (0 without maps)."""
+    ups = [j.memory_query.up.weight for j in model.sidenet.joint_layers if j.memory_query]
+    ups += [j.memory_out.up.weight for j in model.sidenet.joint_layers if j.memory_out]
+    return float(sum(p.detach().float().pow(2).sum() for p in ups) ** 0.5)
+
+
 def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
     """Weights with lr and weight decay; biases, norm weights and gates without. The memory
     gates have their own lr; with token gates that is the shared gate's, the per-head gates
-    train at `HEAD_GATE_LR` of it and the token map at `token_gate_lr`."""
+    train at `HEAD_GATE_LR` of it and the token map at `token_gate_lr`; the memory path's
+    low-rank maps at `adapter_lr`, without weight decay (they start at 0 and stay small)."""
     sidenet = model.sidenet
     gates = {id(p) for p in sidenet.gates()}
     shared = {id(p) for p in sidenet.shared_gate.parameters()} if sidenet.shared_gate else set()
-    groups = {"weights": [], "no_decay": [], "gates": [], "head_gates": [], "token_gates": []}
+    adapters = {id(p) for p in sidenet.adapters()}
+    groups = {"weights": [], "no_decay": [], "gates": [], "head_gates": [], "token_gates": [],
+              "adapters": []}
     for p in model.trainable_parameters():
-        if id(p) not in gates:
+        if id(p) in adapters:
+            kind = "adapters"
+        elif id(p) not in gates:
             kind = "no_decay" if p.ndim < 2 else "weights"
         elif p.ndim == 2:
             kind = "token_gates"
@@ -125,7 +139,8 @@ def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
             kind = "head_gates" if shared and id(p) not in shared else "gates"
         groups[kind].append(p)
     lrs = {"weights": cfg.lr, "no_decay": cfg.lr, "gates": cfg.gate_lr,
-           "head_gates": cfg.gate_lr * HEAD_GATE_LR, "token_gates": cfg.token_gate_lr}
+           "head_gates": cfg.gate_lr * HEAD_GATE_LR, "token_gates": cfg.token_gate_lr,
+           "adapters": cfg.adapter_lr}
     return [
         {"name": kind, "params": params, "lr": lrs[kind],
          "weight_decay": cfg.weight_decay if kind == "weights" else 0.0}
@@ -241,6 +256,7 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
                 "recall_loss": round(recall_nll / recall_n, 4) if recall_n else None,
                 "recall_tokens": recall_n,
                 "seconds": round(elapsed, 1), "memory_seconds": round(memory.seconds, 1),
+                "adapter_norm": round(adapter_norm(model), 5),
                 **{f"gate_{k}": [[round(x, 4) for x in row] for row in v.tolist()]
                    for k, v in gates.items()},  # (n_mem, Hq) each
             }) + "\n")

@@ -67,6 +67,42 @@ def test_exact_search_equals_brute_force(H, Hq, D, csz, dtype, shards):
     assert r.valid.all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"dtype": "float16"},
+        {"dtype": "int8", "eviction": "lra"},
+        {"dtype": "int4", "index": "ivf_flat", "nlist": 16, "nprobe": 4},
+    ],
+)
+def test_cuda_bank_finds_and_returns_what_the_cpu_bank_does(spec):
+    """A bank on a GPU shard (exact scan or IVF, quantized storage, FIFO or LRA eviction
+    past its capacity) answers as the same bank on the CPU: the same chunk ids, the same
+    scores and pairs within float rounding."""
+    keys, values = kv(4 * 5000, 3, 64)
+    queries = torch.randn(1, 64, 9, 64)
+    found = []
+    for device in ("cpu", "cuda"):
+        client = InProcessClient(n_shards=2, device=device)
+        client.create_bank(
+            "b", kv_heads=3, head_dim=64, chunk_size=4, capacity_tokens=1 << 14, **spec
+        )
+        for part in torch.split(torch.arange(keys.shape[0]), 3001):
+            client.append("b", keys[part], values[part])
+            client.search(["b"], queries[:, :4], top_k=16)  # LRA: retrievals decide survivors
+        found.append(client.search(["b"], queries, top_k=16))
+    cpu, gpu = found
+    assert (cpu.chunk_ids == gpu.chunk_ids).float().mean() > 0.999  # ties may order apart
+    torch.testing.assert_close(gpu.scores, cpu.scores, rtol=1e-4, atol=1e-3)
+    same = (cpu.chunk_ids == gpu.chunk_ids)[..., None, None]
+    for a, b in ((cpu.keys, gpu.keys), (cpu.values, gpu.values)):
+        a, b = a.view(*cpu.chunk_ids.shape, 4, 64), b.view(*cpu.chunk_ids.shape, 4, 64)
+        torch.testing.assert_close(
+            (b.cpu().float() * same), (a.float() * same), rtol=1e-3, atol=1e-3
+        )
+
+
 def test_one_and_three_shards_identical():
     results = []
     for shards in (1, 3):

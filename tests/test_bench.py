@@ -54,6 +54,16 @@ def test_index_suite_writes_json_and_plots(tmp_path):
         index.run(tmp_path, [4096], ["flat"])
 
 
+def test_index_suite_without_kinds_times_exact_search_alone(tmp_path):
+    from memory_service.bench import index
+
+    rows = index.run(tmp_path, [1024, 4096], [], progress=False)
+    assert [(r["tokens"], r["index"], r["device"]) for r in rows] == [
+        (1024, "exact", "cpu"), (4096, "exact", "cpu")]
+    assert all(r["search_s"] > 0 and r["recall_at_16"] == 1.0 for r in rows)
+    assert (tmp_path / "search_latency.png").read_bytes()[:4] == PNG
+
+
 def write_keys(folder, rows: int, seed: int = 0):
     """A keys folder as `benchmarks/real_keys.py` writes one: clustered keys (N, 3, 64)
     float16 and queries (128, 9, 64) near some of them."""
@@ -92,6 +102,7 @@ def test_index_suite_on_keys_from_a_folder(tmp_path):
         (["--sizes", "65536,1e6"], "--sizes takes comma-separated integers"),
         (["--tenant-tokens", "1001"], "--tenant-tokens: 1001 must be a multiple of 4"),
         (["--kinds", "flat"], "unknown index kinds"),
+        (["--device", "tpu"], "--device 'tpu': choose cpu or cuda"),
         (["--suites", "capacity", "--capacity-dtype", "int3"], "dtype must be one of"),
         (["--suites", "capacity", "--capacity-tokens", str(1 << 36)], "85% of the"),
         (["--index-keys", "no-such-folder"], "write it with benchmarks/real_keys.py"),

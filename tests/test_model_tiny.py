@@ -186,6 +186,58 @@ def test_token_gates_start_closed_and_give_each_token_its_own_gate(family):
     assert not torch.allclose(model(ids, ["a", "b"], mem).logits, out.backbone_logits)
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_memory_maps_start_at_zero_and_act_on_memory_alone(family):
+    """With the memory path's low-rank maps the untrained model is the backbone (memory
+    on, full banks); once they are non-zero they change the logits with memory on, and
+    memory off stays the backbone; they train and are saved with the gates."""
+    model = tiny_model(FAMILIES[family](), memory_rank=4)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mem = filled_memory(model, ["a", "b"], 24, seed=1)
+    out = model(ids, ["a", "b"], mem, references=True)
+    torch.testing.assert_close(out.logits, out.backbone_logits, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        model.sidenet.shared_gate.scale.fill_(1.0)  # open memory, as trained gates would
+        opened = model(ids, ["a", "b"], mem).logits
+        for joint in model.sidenet.joint_layers:
+            joint.memory_query.up.weight.normal_()
+            joint.memory_out.up.weight.normal_()
+    out = model(ids, ["a", "b"], mem, references=True)
+    assert not torch.allclose(out.logits, opened, atol=1e-3)
+    torch.testing.assert_close(out.memory_off_logits, out.backbone_logits, rtol=0, atol=1e-5)
+    maps = {id(p) for p in model.sidenet.adapters()}
+    assert len(maps) == 4 * len(model.sidenet.joint_layers)
+    assert maps <= {id(p) for p in model.trainable_parameters()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_model_on_cuda_with_gpu_banks_matches_cpu_and_trains(family):
+    """The model and its banks on a GPU give the CPU's logits (memory open, float32) and
+    a backward pass reaches the gates and the memory maps."""
+    outs = []
+    for device in ("cpu", "cuda"):
+        model = tiny_model(FAMILIES[family](), memory_rank=4)
+        with torch.no_grad():
+            model.sidenet.shared_gate.scale.fill_(1.0)
+            for joint in model.sidenet.joint_layers:
+                joint.memory_out.up.weight.normal_(generator=torch.Generator().manual_seed(3))
+        model.to(device)
+        mem = InProcessClient(device=device)
+        model.create_banks(mem, ["a", "b"], capacity_tokens=1024)
+        g = torch.Generator().manual_seed(1)
+        model.append_memory(
+            mem, ["a", "b"], model(torch.randint(0, VOCAB, (2, 24), generator=g).to(device))
+        )
+        ids = torch.randint(0, VOCAB, (2, 12), generator=g).to(device)
+        out = model(ids, ["a", "b"], mem)
+        out.logits.logsumexp(-1).mean().backward()
+        grads = [p.grad for p in model.sidenet.gates() + model.sidenet.adapters()]
+        assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+        outs.append(out.logits.detach().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
 def test_open_gate_is_one_softmax_over_local_and_memory():
     """scale 1, bias 0: the memory share w = sigmoid(lse_M - lse_A) makes the mix exactly
     softmax([q K_local; q K_mem]) [V_local; V_mem]."""

@@ -126,9 +126,9 @@ def test_recall_documents_ask_later_what_they_state(assets):
 
 
 def test_optimizer_groups_give_gates_their_own_rate_and_no_decay(assets):
-    cfg = SideNetConfig(k=8, chunk_size=2, train_layers="memory", token_gate=True)
+    cfg = SideNetConfig(k=8, chunk_size=2, train_layers="memory", token_gate=True, memory_rank=2)
     model, _ = load_model(str(assets[0]), None, cfg)
-    train_cfg = TrainConfig(lr=1e-4, gate_lr=0.05, token_gate_lr=1e-3)
+    train_cfg = TrainConfig(lr=1e-4, gate_lr=0.05, token_gate_lr=1e-3, adapter_lr=3e-3)
     groups = {g["name"]: g for g in param_groups(model, train_cfg)}
     joint, shared = model.sidenet.joint_layers, model.sidenet.shared_gate
     assert {id(p) for p in groups["gates"]["params"]} == {id(shared.scale), id(shared.bias)}
@@ -137,8 +137,11 @@ def test_optimizer_groups_give_gates_their_own_rate_and_no_decay(assets):
     assert {id(p) for p in groups["token_gates"]["params"]} == {
         id(j.token_gate.weight) for j in joint}
     assert groups["gates"]["lr"] == 0.05 and groups["head_gates"]["lr"] == pytest.approx(0.005)
-    assert groups["token_gates"]["lr"] == 1e-3
-    assert all(groups[k]["weight_decay"] == 0.0 for k in ("gates", "head_gates", "token_gates"))
+    assert {id(p) for p in groups["adapters"]["params"]} == {
+        id(p) for j in joint for m in (j.memory_query, j.memory_out) for p in m.parameters()}
+    assert groups["token_gates"]["lr"] == 1e-3 and groups["adapters"]["lr"] == 3e-3
+    assert all(groups[k]["weight_decay"] == 0.0
+               for k in ("gates", "head_gates", "token_gates", "adapters"))
     plain, _ = load_model(str(assets[0]), None, SideNetConfig(k=8, chunk_size=2))
     per_head = {g["name"]: g for g in param_groups(plain, train_cfg)}  # no token gates
     assert per_head["gates"]["lr"] == 0.05

@@ -64,7 +64,12 @@ def main(args: argparse.Namespace) -> int:
         checked(f"--{flag.replace('_', '-')}", getattr(args, flag))
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
-    index.check(args.kinds.split(","))  # the kinds, and matplotlib
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r}: choose cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA GPU (torch sees none)")
+    kinds = [k for k in args.kinds.split(",") if k]  # none: exact search alone
+    index.check(kinds)  # the kinds, and matplotlib
     keys = index.Keys.load(Path(args.index_keys)) if args.index_keys else index.Keys()
     if "index" in chosen:
         keys.check(sizes)
@@ -73,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
             checked("--capacity-tokens", args.capacity_tokens, common.CSZ), args.capacity_dtype
         )
     torch.set_num_threads(args.threads)
-    if {"index", "search"} & set(chosen):
+    if ("index" in chosen and kinds) or "search" in chosen:
         from memory_service.ann import faiss_module
 
         faiss_module().omp_set_num_threads(args.threads)
@@ -82,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     for suite in chosen:
         print(f"## {suite}")
         if suite == "index":
-            rows = index.run(out, sizes, args.kinds.split(","), args.nprobe_div, keys=keys)
+            rows = index.run(out, sizes, kinds, args.nprobe_div, keys=keys, device=args.device)
             print(index.table(rows))
         elif suite == "shards":
             rows = shards.run(out, shard_counts, args.shard_tokens, args.address)

@@ -99,7 +99,7 @@ def timed_search(client: InProcessClient, queries: torch.Tensor) -> tuple[float,
     times, ids = [], torch.empty(0)
     for _ in range(3):
         started = time.perf_counter()
-        ids = client.search(["b"], queries, TOP_K).chunk_ids
+        ids = client.search(["b"], queries, TOP_K).chunk_ids.cpu()  # waits for a GPU too
         times.append(time.perf_counter() - started)
     return statistics.median(times), ids
 
@@ -111,7 +111,7 @@ def step_ms(client: InProcessClient) -> float:
     times = []
     for _ in range(GEN_STEPS):
         started = time.perf_counter()
-        client.search(["b"], queries, TOP_K)
+        client.search(["b"], queries, TOP_K).chunk_ids.cpu()
         client.append("b", kv, kv)
         times.append(time.perf_counter() - started)
     return round(statistics.median(times) * 1e3, 3)
@@ -123,30 +123,41 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def run_index_suite(
-    sizes: list[int], kinds: list[str], nprobe_div: int, progress: bool, keys: Keys
+    sizes: list[int], kinds: list[str], nprobe_div: int, progress: bool, keys: Keys,
+    device: str = "cpu",
 ) -> list[dict]:
-    """One row per (size, index) (see the module doc)."""
+    """One row per (size, index), or per size with no `kinds` (exact search alone), with
+    the banks on `device` (see the module doc)."""
     queries = keys.queries
     rows = []
     bar = tqdm(total=len(sizes) * (1 + len(kinds)), desc="index", disable=not progress)
     for tokens in sizes:
-        exact = InProcessClient()
+        exact = InProcessClient(device=device)
         bar.set_postfix_str(f"{tokens:,} tokens, exact")
-        fill(exact, tokens, keys)
+        fill_s = fill(exact, tokens, keys)
         exact_s, exact_ids = timed_search(exact, queries)
         exact_step = step_ms(exact)
+        if not kinds:  # exact search alone: its own row
+            rows.append({
+                "tokens": tokens, "keys": keys.name, "device": device, "index": "exact",
+                "recall_at_16": 1.0, "search_s": round(exact_s, 4),
+                "exact_search_s": round(exact_s, 4), "speedup": 1.0, "step_ms": exact_step,
+                "exact_step_ms": exact_step, "append_and_build_s": round(fill_s, 2),
+                "bytes_per_token": exact.describe_bank("b").bytes / tokens,
+            })
         del exact  # one bank in memory at a time
         bar.update()
         for kind in kinds:
             bar.set_postfix_str(f"{tokens:,} tokens, {kind}")
             params = index_params(kind, tokens, nprobe_div)
-            client = InProcessClient()
+            client = InProcessClient(device=device)
             build_s = fill(client, tokens, keys, index=kind, **params)
             latency, ids = timed_search(client, queries)
             rows.append(
                 {
                     "tokens": tokens,
                     "keys": keys.name,
+                    "device": device,
                     "index": kind,
                     **params,
                     "recall_at_16": round(recall(ids, exact_ids), 4),
@@ -172,7 +183,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    kinds = sorted({r["index"] for r in rows})
+    kinds = sorted({r["index"] for r in rows} - {"exact"})
     paths = []
     for name, field, label in (
         ("search_latency.png", "search_s", f"search s ({N_QUERIES} queries x {HQ} heads)"),
@@ -193,7 +204,8 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_xlabel("bank tokens")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # recall has no line without indexes
+            ax.legend()
         save_figure(fig, out / name)
         paths.append(out / name)
     return paths
@@ -212,14 +224,14 @@ def check(kinds: list[str]) -> None:
 
 def run(
     out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True,
-    keys: Keys | None = None,
+    keys: Keys | None = None, device: str = "cpu",
 ) -> list[dict]:
     """Run the suite, write `index_scaling.json` and the plots to `out`; the rows."""
     check(kinds)
     keys = keys or Keys()
     keys.check(sizes)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run_index_suite(sizes, kinds, nprobe_div, progress, keys)
+    rows = run_index_suite(sizes, kinds, nprobe_div, progress, keys, device)
     (out / "index_scaling.json").write_text(json.dumps({"rows": rows}, indent=1))
     plot(rows, out)
     return rows
