@@ -263,6 +263,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     index.add_argument("--nprobe-div", type=int, default=32, help="IVF nprobe = nlist // this")
     index.add_argument(
+        "--max-nlist", type=int, default=1024,
+        help="IVF nlist = min(this, chunks // 64): raise it with the bank",
+    )
+    index.add_argument(
         "--index-keys", default=None, metavar="FOLDER",
         help="SmolLM2's own keys and queries (benchmarks/real_keys.py) instead of Gaussian ones",
     )

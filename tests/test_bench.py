@@ -52,6 +52,8 @@ def test_index_suite_writes_json_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == PNG
     with pytest.raises(ValueError, match="unknown index kinds"):
         index.run(tmp_path, [4096], ["flat"])
+    assert index.index_params("ivf_flat", 1 << 24, 16, max_nlist=8192) == {
+        "nlist": 8192, "nprobe": 512}
 
 
 def test_index_suite_without_kinds_times_exact_search_alone(tmp_path):
@@ -103,6 +105,7 @@ def test_index_suite_on_keys_from_a_folder(tmp_path):
         (["--tenant-tokens", "1001"], "--tenant-tokens: 1001 must be a multiple of 4"),
         (["--kinds", "flat"], "unknown index kinds"),
         (["--device", "tpu"], "--device 'tpu': choose cpu or cuda"),
+        (["--max-nlist", "0"], "--max-nlist: 0 must be at least 1"),
         (["--suites", "capacity", "--capacity-dtype", "int3"], "dtype must be one of"),
         (["--suites", "capacity", "--capacity-tokens", str(1 << 36)], "85% of the"),
         (["--index-keys", "no-such-folder"], "write it with benchmarks/real_keys.py"),

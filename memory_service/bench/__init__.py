@@ -60,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     checked("--shard-tokens", args.shard_tokens, common.CSZ)
     checked("--tenant-tokens", args.tenant_tokens, common.CSZ)
     checked("--search-tokens", args.search_tokens, common.CSZ, 2 * search.N_QUERIES)
-    for flag in ("nprobe_div", "threads", "requests", "search_iters"):
+    for flag in ("nprobe_div", "max_nlist", "threads", "requests", "search_iters"):
         checked(f"--{flag.replace('_', '-')}", getattr(args, flag))
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
@@ -87,7 +87,10 @@ def main(args: argparse.Namespace) -> int:
     for suite in chosen:
         print(f"## {suite}")
         if suite == "index":
-            rows = index.run(out, sizes, kinds, args.nprobe_div, keys=keys, device=args.device)
+            rows = index.run(
+                out, sizes, kinds, args.nprobe_div, keys=keys, device=args.device,
+                max_nlist=args.max_nlist,
+            )
             print(index.table(rows))
         elif suite == "shards":
             rows = shards.run(out, shard_counts, args.shard_tokens, args.address)

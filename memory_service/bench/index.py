@@ -11,7 +11,8 @@ token. Keys and queries are Gaussian (no cluster structure: the hard case for IV
 `keys`, a folder written by `benchmarks/real_keys.py`: SmolLM2's own memory keys
 (`keys.npy`, (N, 3, 64)) and retrieval queries (`queries.npy`, (128, 9, 64)).
 
-IVF uses `nlist = min(1024, chunks // 64)` and `nprobe = nlist // nprobe_div`; HNSW `m` 16 and
+IVF uses `nlist = min(max_nlist, chunks // 64)` (`max_nlist` 1024 unless told) and
+`nprobe = nlist // nprobe_div`; HNSW `m` 16 and
 `ef_search` 64. Writes `index_scaling.json`, `search_latency.png`, `recall.png` and
 `generation_step.png` to the output folder (the plots need matplotlib: `pip install -e '.[bench]'`).
 """
@@ -36,11 +37,11 @@ APPEND_TOKENS = 65536  # tokens per append while filling a bank
 GEN_STEPS = 32
 
 
-def index_params(kind: str, tokens: int, nprobe_div: int) -> dict:
+def index_params(kind: str, tokens: int, nprobe_div: int, max_nlist: int = 1024) -> dict:
     """The spec parameters of index `kind` for a bank of `tokens`."""
     if kind == "hnsw":
         return {"m": 16, "ef_search": 64}
-    nlist = max(1, min(1024, tokens // CSZ // 64))
+    nlist = max(1, min(max_nlist, tokens // CSZ // 64))
     params = {"nlist": nlist, "nprobe": max(1, nlist // nprobe_div)}
     return params | ({"m": 16} if kind == "ivf_pq" else {})
 
@@ -124,7 +125,7 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 def run_index_suite(
     sizes: list[int], kinds: list[str], nprobe_div: int, progress: bool, keys: Keys,
-    device: str = "cpu",
+    device: str = "cpu", max_nlist: int = 1024,
 ) -> list[dict]:
     """One row per (size, index), or per size with no `kinds` (exact search alone), with
     the banks on `device` (see the module doc)."""
@@ -149,7 +150,7 @@ def run_index_suite(
         bar.update()
         for kind in kinds:
             bar.set_postfix_str(f"{tokens:,} tokens, {kind}")
-            params = index_params(kind, tokens, nprobe_div)
+            params = index_params(kind, tokens, nprobe_div, max_nlist)
             client = InProcessClient(device=device)
             build_s = fill(client, tokens, keys, index=kind, **params)
             latency, ids = timed_search(client, queries)
@@ -224,14 +225,14 @@ def check(kinds: list[str]) -> None:
 
 def run(
     out: Path, sizes: list[int], kinds: list[str], nprobe_div: int = 32, progress: bool = True,
-    keys: Keys | None = None, device: str = "cpu",
+    keys: Keys | None = None, device: str = "cpu", max_nlist: int = 1024,
 ) -> list[dict]:
     """Run the suite, write `index_scaling.json` and the plots to `out`; the rows."""
     check(kinds)
     keys = keys or Keys()
     keys.check(sizes)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run_index_suite(sizes, kinds, nprobe_div, progress, keys, device)
+    rows = run_index_suite(sizes, kinds, nprobe_div, progress, keys, device, max_nlist)
     (out / "index_scaling.json").write_text(json.dumps({"rows": rows}, indent=1))
     plot(rows, out)
     return rows
