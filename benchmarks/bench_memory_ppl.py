@@ -8,8 +8,12 @@ the backbone alone, overall and by quarter of the segment (as `longmem eval` cou
   (512, 1024, 2048 tokens instead of 64): what perfect memory of the recent past is worth,
   an upper bound for memory with this backbone;
 - `--part settings`: the SideNet with memory, one backbone pass per segment and several
-  settings on it: the checkpoint's gates, the gates open (scale 1, bias 0: one softmax
-  over local and memory) and shifted, the memory distance, and top-k chunks.
+  settings on it: the checkpoint as trained, the gates open (scale 1, bias 0: one softmax
+  over local and memory; every other trained part at 0) and shifted, the memory distance,
+  and top-k chunks;
+- `--part memory`: the checkpoint as trained, its memory holding the document's own past
+  (as `longmem eval` reads it) or, a control, as much of the other held-out document's
+  past: what is gained from recalling the text itself, and what from memory being there.
 
 Writes benchmarks/results/memory_ppl_<part>.json. Training-free settings use the SideNet
 layers as copied; gates come from `--checkpoint` (default: the shipped weights).
@@ -36,7 +40,7 @@ HELD_OUT = ("doyle_adventures_of_sherlock_holmes.txt", "thoreau_walden.txt")
 SEG, CTX, BUCKETS = 512, 64, 4
 # name: (scale, bias, memory distance, top-k chunks); None = the checkpoint's gate
 SETTINGS = {
-    "checkpoint gates": (None, None, 512, 16),
+    "checkpoint as trained": (None, None, 512, 16),
     "open": (1.0, 0.0, 512, 16),
     "open, k 32 chunks": (1.0, 0.0, 512, 32),
     "open, k 8 chunks": (1.0, 0.0, 512, 8),
@@ -110,9 +114,10 @@ def part_settings(model, docs, segments: int) -> Tally:
     rotations = {d: MemoryDistance(model.backbone.rotary_at(d)) for _, _, d, _ in SETTINGS.values()}
 
     def use(scale, bias, distance):
+        for name, p in sidenet.named_parameters():  # as trained, or all at 0 but scale/bias
+            if name in trained:
+                p.copy_(trained[name] if scale is None else torch.zeros_like(p))
         for joint in sidenet.joint_layers:
-            joint.scale.copy_(trained[f"layers.{sidenet.layers.index(joint)}.scale"])
-            joint.bias.copy_(trained[f"layers.{sidenet.layers.index(joint)}.bias"])
             if scale is not None:
                 joint.scale.fill_(scale)
                 joint.bias.fill_(bias)
@@ -135,9 +140,33 @@ def part_settings(model, docs, segments: int) -> Tally:
     return tally
 
 
+@torch.no_grad()
+def part_memory(model, docs, segments: int) -> Tally:
+    tally, memory, k = Tally(), InProcessClient(), model.config.k // model.config.chunk_size
+    for d, doc in enumerate(docs):
+        other = docs[(d + 1) % len(docs)]
+        for bank in ("own", "foreign"):
+            open_bank(memory, model, bank, 1 << 20)
+        pairs = list(zip(grid(doc, segments), grid(other, segments), strict=True))
+        for i, ((lo, s, e), (o_lo, o_s, o_e)) in enumerate(tqdm(pairs, desc=doc.name)):
+            ids, targets, n_ctx = doc.tokens[lo:e][None], doc.tokens[s + 1 : e + 1], s - lo
+            bb = model.backbone(ids)
+            tally.add("backbone", model.backbone.logits(bb.hidden[-1][0, n_ctx:]), targets)
+            for bank in ("own", "foreign"):
+                search = lambda q, b=bank: memory.search([b], q.float(), k)  # noqa: E731
+                hidden, _ = model.sidenet(bb, search if i else None, n_ctx)  # 0: empty bank
+                name = "memory: own past" if bank == "own" else "memory: other book's past"
+                tally.add(name, model.backbone.logits(hidden[0, n_ctx:]), targets)
+            tally.count_tokens(e - s)
+            memory.append("own", bb.keys[0, n_ctx:], bb.values[0, n_ctx:])
+            theirs = model.backbone(other.tokens[o_lo:o_e][None])
+            memory.append("foreign", theirs.keys[0, o_s - o_lo :], theirs.values[0, o_s - o_lo :])
+    return tally
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("context", "settings"), default="settings")
+    p.add_argument("--part", choices=("context", "settings", "memory"), default="settings")
     p.add_argument("--segments", type=int, default=16, help="per document")
     p.add_argument("--checkpoint", default=None, help="default: the shipped weights")
     p.add_argument("--books", default=BOOKS)
@@ -146,7 +175,7 @@ def main() -> None:
     model, tok = load_model(None, args.checkpoint)
     model.eval()
     docs = Corpus(",".join(f"{args.books}/{b}" for b in HELD_OUT), tok, SEG).documents()
-    run = part_context if args.part == "context" else part_settings
+    run = {"context": part_context, "settings": part_settings, "memory": part_memory}[args.part]
     rows = run(model, docs, args.segments).rows("backbone")
     print("| setting | perplexity | vs backbone | by quarter of the segment |\n|---|---|---|---|")
     for r in rows:
