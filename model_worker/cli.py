@@ -262,8 +262,8 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument(
         "--train-layers", choices=TRAIN_LAYERS, default=SideNetConfig.train_layers,
-        help="gates: the memory layers' gates; memory: those layers too; all: "
-        "every SideNet layer",
+        help="gates: the memory path (gates and memory maps); memory: the band's layers "
+        "too; all: every SideNet layer",
     )
     _add_memory(p)
     _add_sidenet(p)

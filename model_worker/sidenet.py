@@ -95,7 +95,7 @@ class SideNetConfig:
     memory_distance: int = 512
     train_layers: str = "gates"
     token_gate: bool = True
-    memory_rank: int = 0
+    memory_rank: int = 16
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:

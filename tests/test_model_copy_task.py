@@ -46,8 +46,9 @@ def test_long_range_copy_through_memory(one_thread):
     backbone = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     with torch.no_grad():
         backbone.lm_head.weight.mul_(10.0)
-    cfg = SideNetConfig(  # per-head gates: what is tested is the memory path, not the gates
-        r=2, memory_layers=[1, 1], k=32, chunk_size=4, train_layers="all", token_gate=False
+    cfg = SideNetConfig(  # per-head gates, no memory maps: what is tested is the memory
+        r=2, memory_layers=[1, 1], k=32, chunk_size=4, train_layers="all", token_gate=False,
+        memory_rank=0,  # path itself, not what trains around it
     )
     model = LongMemModel(backbone, cfg)
     mem = InProcessClient()

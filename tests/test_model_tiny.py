@@ -287,8 +287,9 @@ def test_only_sidenet_trains_and_backbone_is_bit_identical(model):
     mem = filled_memory(model, streams, 24, seed=1)
     before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     trainable = {id(p) for p in model.trainable_parameters()}
-    assert trainable == {id(p) for p in model.sidenet.gates()}  # train_layers="gates"
-    assert len(trainable) == 8  # shared scale and bias; per head and token map, 2 layers
+    memory_path = model.sidenet.gates() + model.sidenet.adapters()
+    assert trainable == {id(p) for p in memory_path}  # train_layers="gates"
+    assert len(trainable) == 16  # shared gate; per head, token map, 2 x 2 maps; 2 layers
     joint = model.sidenet.joint_layers[0]
     assert all(not p.requires_grad for p in model.backbone.parameters())
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.01)
@@ -419,11 +420,11 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     with pytest.raises(ValueError, match="made for backbone 'tiny-0'.*model_type"):
         tiny_model(gpt2_config(), train_layers="memory").load_checkpoint(tmp_path / "ck")
 
-    per_head = tiny_model(llama_config(), token_gate=False)  # as before token gates existed
-    per_head.save_checkpoint(tmp_path / "old")
+    old = {"token_gate": False, "memory_rank": 0}  # as before token gates and memory maps
+    tiny_model(llama_config(), **old).save_checkpoint(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "longmem.json").read_text())
-    del meta["sidenet"]["token_gate"]
+    del meta["sidenet"]["token_gate"], meta["sidenet"]["memory_rank"]
     (tmp_path / "old" / "longmem.json").write_text(json.dumps(meta))
-    tiny_model(llama_config(), token_gate=False).load_checkpoint(tmp_path / "old")
+    tiny_model(llama_config(), **old).load_checkpoint(tmp_path / "old")
     with pytest.raises(ValueError, match="SideNet config"):
         tiny_model(llama_config()).load_checkpoint(tmp_path / "old")
