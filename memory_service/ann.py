@@ -99,7 +99,7 @@ class AnnIndex:
                 n = min(used, max(MAX_TRAIN_PER_LIST * self.spec.nlist, self.min_chunks))
                 pick = torch.randperm(used, generator=torch.Generator().manual_seed(0))[:n]
                 for h, index in enumerate(self.indexes):
-                    index.train(np.ascontiguousarray(means[h, pick].cpu().numpy()))
+                    index.train(np.ascontiguousarray(means[h, pick].float().cpu().numpy()))
         else:
             for index in self.indexes:
                 index.reset()  # IVF keeps its training; HNSW has none
@@ -112,7 +112,7 @@ class AnnIndex:
         self.label_slot = np.concatenate([self.label_slot, slots])
         self.slot_label[slots] = np.arange(first, first + len(slots))
         for h, index in enumerate(self.indexes):
-            index.add(np.ascontiguousarray(means[h, torch.from_numpy(slots)].cpu().numpy()))
+            index.add(np.ascontiguousarray(means[h, torch.from_numpy(slots)].float().cpu().numpy()))
 
     def search(
         self, queries: torch.Tensor, means: torch.Tensor, live: torch.Tensor, top_k: int
@@ -136,7 +136,7 @@ class AnnIndex:
             found = labels >= 0
             slots[h][torch.from_numpy(found)] = torch.from_numpy(self.label_slot[labels[found]])
         heads = torch.arange(H, device=means.device)[:, None, None]
-        vectors = means[heads, slots.to(means.device).clamp(min=0)].cpu()  # (H, b, f, D)
+        vectors = means[heads, slots.to(means.device).clamp(min=0)].float().cpu()  # (H, b, f, D)
         exact = torch.einsum("hbd,hbfd->hbf", queries, vectors).masked_fill(slots < 0, -math.inf)
         top = exact.topk(min(top_k, fetch), dim=-1)
         slots = slots.gather(-1, top.indices).masked_fill(~torch.isfinite(top.values), -1)

@@ -39,6 +39,7 @@ DTYPES = {
     "int8": torch.int8,  # per-(chunk, head) scales; retrieved as float32
     "int4": torch.uint8,  # as int8, two 4-bit codes per byte along head_dim
 }
+SEARCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # of the chunk means
 QUANT_BITS = {"int8": 8, "int4": 4}  # the quantized dtypes: bits per key/value element
 INDEX_KINDS = ("exact", "ivf_flat", "ivf_pq", "hnsw")  # approximate ones: memory_service.ann
 EVICTIONS = ("fifo", "lra")  # oldest first; least recently retrieved first (per shard)
@@ -64,6 +65,7 @@ class BankSpec:
     chunk_size: int = 4
     capacity_tokens: int = 65536
     dtype: str = "float16"
+    search_dtype: str = "float32"  # the chunk means that search reads: float32 or float16
     index: str = "exact"
     eviction: str = "fifo"
     nlist: int = 1024  # IVF: inverted lists
@@ -91,6 +93,10 @@ class BankSpec:
             )
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise InvalidArgument(
+                f"search_dtype must be one of {sorted(SEARCH_DTYPES)}, got {self.search_dtype!r}"
+            )
         if self.index not in INDEX_KINDS:
             raise InvalidArgument(f"index must be one of {INDEX_KINDS}, got {self.index!r}")
         if self.eviction not in EVICTIONS:
@@ -113,6 +119,11 @@ class BankSpec:
         return DTYPES[self.dtype]
 
     @property
+    def search_torch_dtype(self) -> torch.dtype:
+        """The dtype of the stored chunk means (search keys)."""
+        return SEARCH_DTYPES[self.search_dtype]
+
+    @property
     def quantized(self) -> bool:
         return self.dtype in QUANT_BITS
 
@@ -133,10 +144,12 @@ class BankSpec:
 
     @property
     def chunk_bytes(self) -> int:
-        """Stored bytes per chunk: keys and values, the float32 chunk means, with int8 and
-        int4 the float32 scales of keys and values per head, and an approximate index's share."""
+        """Stored bytes per chunk: keys and values, the chunk means (`search_dtype`), with
+        int8 and int4 the float32 scales of keys and values per head, and an approximate
+        index's share."""
         kv = 2 * self.chunk_size * self.head_dim * self.bits // 8
-        per_head = kv + 4 * self.head_dim + (8 if self.quantized else 0)
+        means = self.search_torch_dtype.itemsize * self.head_dim
+        per_head = kv + means + (8 if self.quantized else 0)
         return self.kv_heads * (per_head + self.index_bytes)
 
     @property
@@ -249,9 +262,9 @@ def encode_chunks(
 ) -> dict[str, torch.Tensor]:
     """The stored form of chunks `(C, csz, H, D)`, each tensor `(H, C, ...)` as a
     `ChunkStore` keeps it: keys and values in the bank dtype (codes and their scales for
-    int8 and int4), and the float32 means of the keys as given."""
+    int8 and int4), and the means of the keys as given (in `search_dtype`)."""
     keys, values = keys.permute(2, 0, 1, 3), values.permute(2, 0, 1, 3)  # (H, C, csz, D)
-    out = {"means": keys.float().mean(2)}  # (H, C, D)
+    out = {"means": keys.float().mean(2).to(spec.search_torch_dtype)}  # (H, C, D)
     if spec.quantized:
         out["keys"], out["key_scales"] = quantize(keys, spec.bits)
         out["values"], out["value_scales"] = quantize(values, spec.bits)
@@ -427,7 +440,7 @@ class ChunkStore:
         S, kw, Ds = self.slots, {"device": self.device}, self.spec.stored_dim
         self.keys = torch.empty(H, S, csz, Ds, dtype=self.spec.torch_dtype, **kw)  # int4: Ds = D/2
         self.values = torch.empty_like(self.keys)
-        self.means = torch.empty(H, S, D, dtype=torch.float32, **kw)  # (H, S, D) search keys
+        self.means = torch.empty(H, S, D, dtype=self.spec.search_torch_dtype, **kw)  # (H, S, D)
         if self.spec.quantized:  # (H, S) scales of keys and values per (head, chunk)
             self.key_scales = torch.empty(H, S, dtype=torch.float32, **kw)
             self.value_scales = torch.empty_like(self.key_scales)
@@ -660,7 +673,7 @@ class ChunkStore:
         for r in range(0, R, rows):
             best, best_slots = scores[:, r : r + rows], slots[:, r : r + rows]  # (H, b, top_k)
             for c in range(0, live.shape[0], cols):
-                block = means[:, c : c + cols].transpose(1, 2)  # (H, D, c)
+                block = means[:, c : c + cols].float().transpose(1, 2)  # (H, D, c)
                 s = torch.bmm(q[:, r : r + rows], block)  # (H, b, c)
                 if dead:
                     s.masked_fill_(~live[c : c + cols], -math.inf)

@@ -290,6 +290,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     capacity = bench.add_argument_group("capacity (only when named in --suites)")
     capacity.add_argument("--capacity-tokens", type=int, default=1 << 25, help="bank tokens")
     capacity.add_argument("--capacity-dtype", default="int4", help="the bank's dtype")
+    capacity.add_argument(
+        "--capacity-search-dtype", default="float32", help="its chunk means' dtype (float16: 2 B)"
+    )
     bench.set_defaults(run=cmd_bench)
 
 

@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from memory_service import cli as service_cli
-from memory_service.bank import DTYPES, BankSpec
+from memory_service.bank import DTYPES, SEARCH_DTYPES, BankSpec
 from memory_service.tenancy import DEFAULT_API_KEY
 from memory_service.tls import add_client_args
 from model_worker.backbone import DEFAULT_BACKBONE
@@ -52,6 +52,7 @@ def _config(cls, args: argparse.Namespace):
         address=args.memory, api_key=args.api_key, shards=args.shards,
         tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
         capacity_tokens=args.memory_tokens, bank_dtype=args.bank_dtype,
+        search_dtype=args.search_dtype,
     )
     if "sidenet" in {f.name for f in fields(cls)} and hasattr(args, "k"):
         kw["sidenet"] = SideNetConfig(
@@ -80,6 +81,10 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bank-dtype", default=BankSpec.dtype, choices=sorted(DTYPES),
         help="how banks store keys and values (int8: per-chunk, per-head scales)",
+    )
+    p.add_argument(
+        "--search-dtype", default=BankSpec.search_dtype, choices=sorted(SEARCH_DTYPES),
+        help="how banks store the chunk means that search reads",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
 

@@ -26,3 +26,9 @@ class MemoryConfig:
     shards: int = 2  # shards of the embedded service
     capacity_tokens: int = BankSpec.capacity_tokens  # per bank (stream, document)
     bank_dtype: str = BankSpec.dtype  # how banks store keys/values: float16, int8, ...
+    search_dtype: str = BankSpec.search_dtype  # their chunk means (search keys)
+
+    @property
+    def storage(self) -> dict[str, str]:
+        """How the banks a command opens store their chunks (`BankSpec` fields)."""
+        return {"dtype": self.bank_dtype, "search_dtype": self.search_dtype}

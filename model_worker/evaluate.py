@@ -121,7 +121,7 @@ def eval_perplexity(
     counts = torch.zeros(POSITION_BUCKETS, dtype=torch.float64)
     tokens = held_max = starts = retrieved = 0
     for doc in docs:
-        open_bank(memory, model, bank, cfg.memory.capacity_tokens, cfg.memory.bank_dtype)
+        open_bank(memory, model, bank, cfg.memory.capacity_tokens, **cfg.memory.storage)
         held = 0
         grid = windows(len(doc.tokens) - 1, seg, ctx)[: cfg.segments]
         for lo, start, end in tqdm(grid, desc=f"perplexity {doc.name}", leave=False, unit="seg"):
@@ -274,7 +274,7 @@ def eval_passkey(
                     tokenizer, haystack, str(rng.randint(10000, 99999)), distance, seg, ctx, rng
                 )
                 held = trial.window_start - ctx
-                open_bank(memory, model, bank, held + (-held % csz), cfg.memory.bank_dtype)
+                open_bank(memory, model, bank, held + (-held % csz), **cfg.memory.storage)
                 read_passkey_memory(memory, bank, trial, seg, ctx, cache)
                 window = trial.stream[trial.window_start - ctx :]
                 window_len, n_ans = len(window), len(trial.answer)
@@ -366,7 +366,7 @@ def eval_icl(cfg: EvalConfig, model: LongMemModel, memory: Memory, tokenizer) ->
                 capacity = max(len(mem_ids), cfg.segment_len)
                 open_bank(
                     memory, model, bank, capacity + (-capacity % cfg.icl_chunk_size),
-                    cfg.memory.bank_dtype,
+                    **cfg.memory.storage,
                 )
                 read_into_bank(memory, model, bank, mem_ids, cfg.segment_len)
                 mem_tokens = len(mem_ids)

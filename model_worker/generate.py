@@ -116,7 +116,7 @@ def generate(cfg: GenerateConfig, on_text=print) -> str:
     pieces = []
     with memory_session(cfg.memory) as memory:
         if doc is not None:
-            open_bank(memory, model, cfg.bank, cfg.memory.capacity_tokens, cfg.memory.bank_dtype)
+            open_bank(memory, model, cfg.bank, cfg.memory.capacity_tokens, **cfg.memory.storage)
             read_into_bank(memory, model, cfg.bank, doc, cfg.segment_len)
         elif cfg.bank not in {b.name for b in memory.list_banks()}:
             raise DataError(f"bank {cfg.bank!r} not found; read a document into it with --document")

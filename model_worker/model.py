@@ -145,9 +145,10 @@ class LongMemModel(nn.Module):
         memory: Memory,
         streams: Sequence[str],
         capacity_tokens: int,
-        dtype: str = "float16",
+        **storage: str,
     ) -> None:
-        """Create one bank per stream shaped for this model's memory layers."""
+        """Create one bank per stream shaped for this model's memory layers; `storage`:
+        `BankSpec`'s `dtype` and `search_dtype` (default float16 and float32)."""
         for name in streams:
             memory.create_bank(
                 name,
@@ -155,7 +156,7 @@ class LongMemModel(nn.Module):
                 head_dim=self.head_dim,
                 chunk_size=self.config.chunk_size,
                 capacity_tokens=capacity_tokens,
-                dtype=dtype,
+                **storage,
             )
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from memory_service import errors
+from memory_service.bank import BankSpec
 from memory_service.client import MemoryClient
 from memory_service.tls import client_tls
 from model_worker.backbone import DEFAULT_BACKBONE
@@ -151,20 +152,22 @@ def memory_session(cfg: MemoryConfig) -> Iterator[MemoryClient]:
 
 
 def open_bank(
-    memory: Memory, model: LongMemModel, name: str, capacity_tokens: int, dtype: str = "float16"
+    memory: Memory, model: LongMemModel, name: str, capacity_tokens: int, **storage: str
 ) -> None:
     """Create bank `name` for this model, empty: an existing bank of that shape, size and
-    dtype is reset, any other is replaced."""
+    storage (`dtype`, `search_dtype`: `MemoryConfig.storage`) is reset, any other is
+    replaced."""
     info = next((b for b in memory.list_banks() if b.name == name), None)
-    wanted = (model.bank_heads, model.head_dim, model.config.chunk_size, capacity_tokens, dtype)
     if info is not None:
-        spec = info.spec
-        if (spec.kv_heads, spec.head_dim, spec.chunk_size, spec.capacity_tokens,
-                spec.dtype) == wanted:
+        wanted = BankSpec(
+            model.bank_heads, model.head_dim, model.config.chunk_size, capacity_tokens,
+            **storage,
+        )
+        if info.spec == wanted:
             memory.reset_bank(name)
             return
         memory.delete_bank(name)
-    model.create_banks(memory, [name], capacity_tokens, dtype)
+    model.create_banks(memory, [name], capacity_tokens, **storage)
 
 
 @torch.no_grad()

@@ -192,7 +192,7 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     memory = TimedMemory(connect(address, cfg.memory))
     banks = [f"{cfg.bank_prefix}-w{rank}-s{b}" for b in range(cfg.batch_size)]
     for b, bank in enumerate(banks):
-        open_bank(memory, model, bank, cfg.memory.capacity_tokens, cfg.memory.bank_dtype)
+        open_bank(memory, model, bank, cfg.memory.capacity_tokens, **cfg.memory.storage)
         s = streams.streams[b]
         if resume and s.doc >= 0 and s.segment > 0:  # rebuild what the bank held
             done = streams.current(b).tokens[: model.config.context + s.segment * cfg.segment_len]

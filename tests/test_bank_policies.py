@@ -103,6 +103,43 @@ def test_quantized_size_and_snapshot(tmp_path, dtype, per_token):
     assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.values, b.values)
 
 
+def test_float16_search_keys_halve_the_means_and_rank_within_their_rounding(tmp_path):
+    """`search_dtype: float16` stores the chunk means in half precision (96 B per token
+    fewer at SmolLM2's shape): an int8 bank then takes 486 B per token; its scores are
+    the float32 bank's within float16 rounding of the means, the top chunks nearly the
+    same, every retrieved pair exactly as in the float32-means bank; snapshots keep it,
+    the wire carries it and an unknown search dtype is refused."""
+    spec = BankSpec(kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int8", search_dtype="float16")
+    assert spec.bytes_per_token == H * (D * (2 * CSZ + 2) + 8) / CSZ == 486
+    keys, values = kv(CSZ * 2000)
+    queries = torch.randn(1, 16, HQ, D, generator=torch.Generator().manual_seed(1))
+    found = {}
+    for search_dtype in ("float32", "float16"):
+        client = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path / search_dtype))
+        client.create_bank("b", kv_heads=H, head_dim=D, chunk_size=CSZ, dtype="int8",
+                           search_dtype=search_dtype)
+        client.append("b", keys, values)
+        found[search_dtype] = client.search(["b"], queries, top_k=16)
+        per_token = 582 if search_dtype == "float32" else 486
+        assert client.describe_bank("b").bytes == 2000 * CSZ * per_token
+        client.snapshot()
+        again = InProcessClient(n_shards=2, snapshot_dir=str(tmp_path / search_dtype))
+        assert torch.equal(again.search(["b"], queries, 16).chunk_ids,
+                           found[search_dtype].chunk_ids)
+    f32, f16 = found["float32"], found["float16"]
+    match = f16.chunk_ids == f32.chunk_ids  # near-ties may swap places
+    assert match.float().mean() > 0.9
+    torch.testing.assert_close(f16.scores[match], f32.scores[match], rtol=1e-3, atol=1e-2)
+    same = match[..., None, None]
+    shape = (*f32.chunk_ids.shape, CSZ, D)
+    assert torch.equal(f16.keys.view(shape) * same, f32.keys.view(shape) * same)
+    from memory_service.wire import spec_from_wire, spec_to_wire
+
+    assert spec_from_wire(spec_to_wire(spec)) == spec
+    with pytest.raises(InvalidArgument, match="search_dtype must be one of"):
+        BankSpec(kv_heads=H, head_dim=D, search_dtype="int8")
+
+
 @pytest.mark.parametrize("dtype", sorted(QUANTIZED))
 def test_quantized_spec_travels_on_the_wire(dtype):
     from memory_service.wire import spec_from_wire, spec_to_wire

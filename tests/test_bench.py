@@ -161,7 +161,11 @@ def test_capacity_suite(capsys, tmp_path):
     flags = ["--suites", "capacity", "--capacity-tokens", "262144", "--capacity-dtype", "int4"]
     (row,), out = bench(capsys, tmp_path, *flags)
     assert (row["tokens"], row["dtype"], row["bytes_per_token"]) == (262144, "int4", 390)
+    assert row["search_dtype"] == "float32"
     assert row["bank_gb"] == round(262144 * 390 / 1e9, 3) < min(row["rss_gb"], row["estimated_gb"])
     assert row["search_s"] > 0 and row["append_tokens_per_s"] > 0
     assert (tmp_path / "capacity.png").read_bytes()[:4] == PNG
-    assert "## capacity\n| tokens | dtype | B/token |" in out
+    assert "## capacity\n| tokens | dtype | means | B/token |" in out
+    flags = [*flags[:-1], "int8", "--capacity-search-dtype", "float16"]
+    (row,), _ = bench(capsys, tmp_path, *flags)
+    assert (row["dtype"], row["search_dtype"], row["bytes_per_token"]) == ("int8", "float16", 486)

@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
         keys.check(sizes)
     if "capacity" in chosen:
         capacity.check(
-            checked("--capacity-tokens", args.capacity_tokens, common.CSZ), args.capacity_dtype
+            checked("--capacity-tokens", args.capacity_tokens, common.CSZ), args.capacity_dtype,
+            args.capacity_search_dtype,
         )
     torch.set_num_threads(args.threads)
     if ("index" in chosen and kinds) or "search" in chosen:
@@ -106,7 +107,10 @@ def main(args: argparse.Namespace) -> int:
             )
             print(search.table(rows))
         else:
-            rows = capacity.run(out, args.capacity_tokens, args.capacity_dtype)
+            rows = capacity.run(
+                out, args.capacity_tokens, args.capacity_dtype,
+                search_dtype=args.capacity_search_dtype,
+            )
             print(capacity.table(rows))
     print(f"wrote the JSON and PNG files of {', '.join(chosen)} to {out}")
     return 0

@@ -1,9 +1,9 @@
 """`capacity`: one bank as large as asked, filled and searched on this machine.
 
-One bank of SmolLM2's shape (3 kv heads x 64, chunks of 4) and `dtype` (int4 by default),
-with a capacity of `tokens`, lives in one in-process shard (`InProcessClient`). It gets
-`tokens` Gaussian tokens (each token's keys are also its values) in appends of 65,536, under
-a progress bar that shows the process RSS, then answers 128 queries x 9 heads (top 16) three
+One bank of SmolLM2's shape (3 kv heads x 64, chunks of 4) and `dtype` (int4 by default;
+its chunk means in `search_dtype`, float32 by default), with a capacity of `tokens`, lives
+in one in-process shard (`InProcessClient`). It gets `tokens` Gaussian tokens (each
+token's keys are also its values) in appends of 65,536, under a progress bar that shows the process RSS, then answers 128 queries x 9 heads (top 16) three
 times; the median is recorded. Before any work, the bytes it needs (`estimate_bytes`) are
 compared with 85% of the memory available now, and a bank that does not fit is refused.
 
@@ -33,8 +33,11 @@ WORKING_BYTES = 1 << 30  # an append's float32 tensors and codes; a search's sco
 SLOT_BYTES = 9  # per chunk: its id (int64) and deleted flag, beside the stored bytes
 
 
-def bank_spec(tokens: int, dtype: str) -> BankSpec:
-    return BankSpec(kv_heads=H, head_dim=D, chunk_size=CSZ, capacity_tokens=tokens, dtype=dtype)
+def bank_spec(tokens: int, dtype: str, search_dtype: str = "float32") -> BankSpec:
+    return BankSpec(
+        kv_heads=H, head_dim=D, chunk_size=CSZ, capacity_tokens=tokens, dtype=dtype,
+        search_dtype=search_dtype,
+    )
 
 
 def estimate_bytes(spec: BankSpec) -> int:
@@ -45,10 +48,10 @@ def estimate_bytes(spec: BankSpec) -> int:
     )
 
 
-def check(tokens: int, dtype: str) -> BankSpec:
+def check(tokens: int, dtype: str, search_dtype: str = "float32") -> BankSpec:
     """The bank's spec; InvalidArgument for a bad spec, ValueError (one line) if its
     estimated bytes exceed `MEMORY_SHARE` of the memory available now."""
-    spec = bank_spec(tokens, dtype)
+    spec = bank_spec(tokens, dtype, search_dtype)
     need, available = estimate_bytes(spec), psutil.virtual_memory().available
     if need > MEMORY_SHARE * available:
         raise ValueError(
@@ -82,9 +85,12 @@ def fill(client: InProcessClient, spec: BankSpec, progress: bool) -> float:
     return elapsed
 
 
-def run(out: Path, tokens: int, dtype: str = "int4", progress: bool = True) -> list[dict]:
+def run(
+    out: Path, tokens: int, dtype: str = "int4", progress: bool = True,
+    search_dtype: str = "float32",
+) -> list[dict]:
     """One row (see the module doc); writes `capacity.json` and `capacity.png`."""
-    spec = check(tokens, dtype)
+    spec = check(tokens, dtype, search_dtype)
     available = psutil.virtual_memory().available
     out.mkdir(parents=True, exist_ok=True)
     client = InProcessClient()
@@ -95,6 +101,7 @@ def run(out: Path, tokens: int, dtype: str = "int4", progress: bool = True) -> l
     row = {
         "tokens": info.size_tokens,
         "dtype": dtype,
+        "search_dtype": search_dtype,
         "bytes_per_token": info.bytes / info.size_tokens,
         "bank_gb": round(info.bytes / 1e9, 3),
         "rss_gb": round(rss_bytes() / 1e9, 3),
@@ -141,11 +148,13 @@ def plot(path: Path, row: dict, machine: dict) -> Path:
 def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     return markdown(
-        ["tokens", "dtype", "B/token", "bank GB", "RSS GB", "search s", "append tokens/s"],
+        ["tokens", "dtype", "means", "B/token", "bank GB", "RSS GB", "search s",
+         "append tokens/s"],
         [
             [
                 f"{r['tokens']:,}",
                 r["dtype"],
+                r.get("search_dtype", "float32"),
                 f"{r['bytes_per_token']:g}",
                 f"{r['bank_gb']:.2f}",
                 f"{r['rss_gb']:.2f}",

@@ -24,57 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/longmem/v1/memory.proto\x12\nlongmem.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.longmem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xdb\x01\n\x08\x42\x61nkSpec\x12\x10\n\x08kv_heads\x18\x01 \x01(\x05\x12\x10\n\x08head_dim\x18\x02 \x01(\x05\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x04 \x01(\x03\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.longmem.v1.DType\x12\r\n\x05index\x18\x06 \x01(\t\x12\x10\n\x08\x65viction\x18\x07 \x01(\t\x12\r\n\x05nlist\x18\x08 \x01(\x05\x12\x0e\n\x06nprobe\x18\t \x01(\x05\x12\t\n\x01m\x18\n \x01(\x05\x12\x11\n\tef_search\x18\x0b \x01(\x05\"\x8a\x02\n\x08\x42\x61nkInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.longmem.v1.BankSpec\x12\x13\n\x0bsize_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x61ppended_chunks\x18\x06 \x01(\x03\x12\x16\n\x0e\x65victed_chunks\x18\x07 \x01(\x03\x12\x0e\n\x06shards\x18\x08 \x01(\x05\x12\r\n\x05\x62ytes\x18\t \x01(\x03\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0blost_chunks\x18\x0b \x01(\x03\x12\x16\n\x0e\x64\x65leted_chunks\x18\x0c \x01(\x03\"E\n\x11\x43reateBankRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.longmem.v1.BankSpec\"\x17\n\x07\x42\x61nkRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteBankResponse\"\x12\n\x10ListBanksRequest\"8\n\x11ListBanksResponse\x12#\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x14.longmem.v1.BankInfo\"u\n\rAppendRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12 \n\x04keys\x18\x02 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\x10\n\x08\x64ocument\x18\x04 \x01(\t\"o\n\x0e\x41ppendResponse\x12\x17\n\x0f\x61ppended_tokens\x18\x01 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x02 \x01(\x03\x12\x17\n\x0f\x61ppended_chunks\x18\x03 \x01(\x03\x12\x13\n\x0blost_chunks\x18\x04 \x01(\x03\"R\n\rSearchRequest\x12\r\n\x05\x62\x61nks\x18\x01 \x03(\t\x12#\n\x07queries\x18\x02 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\x05\"\xf0\x01\n\x0cSearchHeader\x12\"\n\x06scores\x18\x01 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12%\n\tchunk_ids\x18\x02 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12!\n\x05slots\x18\x03 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\x12\n\ntable_rows\x18\x04 \x01(\x03\x12\x12\n\nchunk_size\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.longmem.v1.DType\x12\x16\n\x0emissing_shards\x18\x08 \x03(\x05\"\xa0\x01\n\x0eSearchResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.longmem.v1.SearchHeader\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12&\n\ntable_keys\x18\x03 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12(\n\x0ctable_values\x18\x04 \x01(\x0b\x32\x12.longmem.v1.Tensor\"7\n\x15\x44\x65leteDocumentRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\"P\n\x16\x44\x65leteDocumentResponse\x12\x16\n\x0e\x64\x65leted_chunks\x18\x01 \x01(\x03\x12\x1e\n\x16\x64\x65leted_pending_tokens\x18\x02 \x01(\x03\"\x11\n\x0fSnapshotRequest\"=\n\x10SnapshotResponse\x12)\n\x06shards\x18\x01 \x03(\x0b\x32\x19.longmem.v1.ShardSnapshot\"<\n\rShardSnapshot\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\r\n\x05\x62\x61nks\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"\x18\n\x16\x44\x65scribeServiceRequest\"\xd4\x01\n\tShardInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x14\n\x0cnode_address\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x62\x61nks\x18\x06 \x01(\x05\x12\x1e\n\x16restored_from_snapshot\x18\x07 \x01(\x08\x12\x10\n\x08\x65ndpoint\x18\x08 \x01(\t\x12\x11\n\twal_bytes\x18\t \x01(\x03\x12\x1a\n\x12wal_replay_seconds\x18\n \x01(\x01\"4\n\x0bServiceInfo\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.longmem.v1.ShardInfo*p\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\x08\n\x04INT4\x10\x07\x32\xc6\x05\n\rMemoryService\x12\x41\n\nCreateBank\x12\x1d.longmem.v1.CreateBankRequest\x1a\x14.longmem.v1.BankInfo\x12\x41\n\nDeleteBank\x12\x13.longmem.v1.BankRef\x1a\x1e.longmem.v1.DeleteBankResponse\x12\x36\n\tResetBank\x12\x13.longmem.v1.BankRef\x1a\x14.longmem.v1.BankInfo\x12H\n\tListBanks\x12\x1c.longmem.v1.ListBanksRequest\x1a\x1d.longmem.v1.ListBanksResponse\x12\x39\n\x0c\x44\x65scribeBank\x12\x13.longmem.v1.BankRef\x1a\x14.longmem.v1.BankInfo\x12?\n\x06\x41ppend\x12\x19.longmem.v1.AppendRequest\x1a\x1a.longmem.v1.AppendResponse\x12W\n\x0e\x44\x65leteDocument\x12!.longmem.v1.DeleteDocumentRequest\x1a\".longmem.v1.DeleteDocumentResponse\x12\x41\n\x06Search\x12\x19.longmem.v1.SearchRequest\x1a\x1a.longmem.v1.SearchResponse0\x01\x12\x45\n\x08Snapshot\x12\x1b.longmem.v1.SnapshotRequest\x1a\x1c.longmem.v1.SnapshotResponse\x12N\n\x0f\x44\x65scribeService\x12\".longmem.v1.DescribeServiceRequest\x1a\x17.longmem.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/longmem/v1/memory.proto\x12\nlongmem.v1\"G\n\x06Tensor\x12 \n\x05\x64type\x18\x01 \x01(\x0e\x32\x11.longmem.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xf1\x01\n\x08\x42\x61nkSpec\x12\x10\n\x08kv_heads\x18\x01 \x01(\x05\x12\x10\n\x08head_dim\x18\x02 \x01(\x05\x12\x12\n\nchunk_size\x18\x03 \x01(\x05\x12\x17\n\x0f\x63\x61pacity_tokens\x18\x04 \x01(\x03\x12 \n\x05\x64type\x18\x05 \x01(\x0e\x32\x11.longmem.v1.DType\x12\r\n\x05index\x18\x06 \x01(\t\x12\x10\n\x08\x65viction\x18\x07 \x01(\t\x12\r\n\x05nlist\x18\x08 \x01(\x05\x12\x0e\n\x06nprobe\x18\t \x01(\x05\x12\t\n\x01m\x18\n \x01(\x05\x12\x11\n\tef_search\x18\x0b \x01(\x05\x12\x14\n\x0csearch_dtype\x18\x0c \x01(\t\"\x8a\x02\n\x08\x42\x61nkInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.longmem.v1.BankSpec\x12\x13\n\x0bsize_tokens\x18\x03 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x04 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x61ppended_chunks\x18\x06 \x01(\x03\x12\x16\n\x0e\x65victed_chunks\x18\x07 \x01(\x03\x12\x0e\n\x06shards\x18\x08 \x01(\x05\x12\r\n\x05\x62ytes\x18\t \x01(\x03\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0blost_chunks\x18\x0b \x01(\x03\x12\x16\n\x0e\x64\x65leted_chunks\x18\x0c \x01(\x03\"E\n\x11\x43reateBankRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.longmem.v1.BankSpec\"\x17\n\x07\x42\x61nkRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteBankResponse\"\x12\n\x10ListBanksRequest\"8\n\x11ListBanksResponse\x12#\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x14.longmem.v1.BankInfo\"u\n\rAppendRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12 \n\x04keys\x18\x02 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\x10\n\x08\x64ocument\x18\x04 \x01(\t\"o\n\x0e\x41ppendResponse\x12\x17\n\x0f\x61ppended_tokens\x18\x01 \x01(\x03\x12\x16\n\x0epending_tokens\x18\x02 \x01(\x03\x12\x17\n\x0f\x61ppended_chunks\x18\x03 \x01(\x03\x12\x13\n\x0blost_chunks\x18\x04 \x01(\x03\"R\n\rSearchRequest\x12\r\n\x05\x62\x61nks\x18\x01 \x03(\t\x12#\n\x07queries\x18\x02 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\r\n\x05top_k\x18\x03 \x01(\x05\"\xf0\x01\n\x0cSearchHeader\x12\"\n\x06scores\x18\x01 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12%\n\tchunk_ids\x18\x02 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12!\n\x05slots\x18\x03 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12\x12\n\ntable_rows\x18\x04 \x01(\x03\x12\x12\n\nchunk_size\x18\x05 \x01(\x05\x12\x10\n\x08head_dim\x18\x06 \x01(\x05\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.longmem.v1.DType\x12\x16\n\x0emissing_shards\x18\x08 \x03(\x05\"\xa0\x01\n\x0eSearchResponse\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.longmem.v1.SearchHeader\x12\x12\n\nrow_offset\x18\x02 \x01(\x03\x12&\n\ntable_keys\x18\x03 \x01(\x0b\x32\x12.longmem.v1.Tensor\x12(\n\x0ctable_values\x18\x04 \x01(\x0b\x32\x12.longmem.v1.Tensor\"7\n\x15\x44\x65leteDocumentRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\"P\n\x16\x44\x65leteDocumentResponse\x12\x16\n\x0e\x64\x65leted_chunks\x18\x01 \x01(\x03\x12\x1e\n\x16\x64\x65leted_pending_tokens\x18\x02 \x01(\x03\"\x11\n\x0fSnapshotRequest\"=\n\x10SnapshotResponse\x12)\n\x06shards\x18\x01 \x03(\x0b\x32\x19.longmem.v1.ShardSnapshot\"<\n\rShardSnapshot\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\r\n\x05\x62\x61nks\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"\x18\n\x16\x44\x65scribeServiceRequest\"\xd4\x01\n\tShardInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tavailable\x18\x02 \x01(\x08\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x14\n\x0cnode_address\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x62\x61nks\x18\x06 \x01(\x05\x12\x1e\n\x16restored_from_snapshot\x18\x07 \x01(\x08\x12\x10\n\x08\x65ndpoint\x18\x08 \x01(\t\x12\x11\n\twal_bytes\x18\t \x01(\x03\x12\x1a\n\x12wal_replay_seconds\x18\n \x01(\x01\"4\n\x0bServiceInfo\x12%\n\x06shards\x18\x01 \x03(\x0b\x32\x15.longmem.v1.ShardInfo*p\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\x08\n\x04INT8\x10\x06\x12\x08\n\x04INT4\x10\x07\x32\xc6\x05\n\rMemoryService\x12\x41\n\nCreateBank\x12\x1d.longmem.v1.CreateBankRequest\x1a\x14.longmem.v1.BankInfo\x12\x41\n\nDeleteBank\x12\x13.longmem.v1.BankRef\x1a\x1e.longmem.v1.DeleteBankResponse\x12\x36\n\tResetBank\x12\x13.longmem.v1.BankRef\x1a\x14.longmem.v1.BankInfo\x12H\n\tListBanks\x12\x1c.longmem.v1.ListBanksRequest\x1a\x1d.longmem.v1.ListBanksResponse\x12\x39\n\x0c\x44\x65scribeBank\x12\x13.longmem.v1.BankRef\x1a\x14.longmem.v1.BankInfo\x12?\n\x06\x41ppend\x12\x19.longmem.v1.AppendRequest\x1a\x1a.longmem.v1.AppendResponse\x12W\n\x0e\x44\x65leteDocument\x12!.longmem.v1.DeleteDocumentRequest\x1a\".longmem.v1.DeleteDocumentResponse\x12\x41\n\x06Search\x12\x19.longmem.v1.SearchRequest\x1a\x1a.longmem.v1.SearchResponse0\x01\x12\x45\n\x08Snapshot\x12\x1b.longmem.v1.SnapshotRequest\x1a\x1c.longmem.v1.SnapshotResponse\x12N\n\x0f\x44\x65scribeService\x12\".longmem.v1.DescribeServiceRequest\x1a\x17.longmem.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.longmem.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2106
-  _globals['_DTYPE']._serialized_end=2218
+  _globals['_DTYPE']._serialized_start=2128
+  _globals['_DTYPE']._serialized_end=2240
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=117
   _globals['_BANKSPEC']._serialized_start=120
-  _globals['_BANKSPEC']._serialized_end=339
-  _globals['_BANKINFO']._serialized_start=342
-  _globals['_BANKINFO']._serialized_end=608
-  _globals['_CREATEBANKREQUEST']._serialized_start=610
-  _globals['_CREATEBANKREQUEST']._serialized_end=679
-  _globals['_BANKREF']._serialized_start=681
-  _globals['_BANKREF']._serialized_end=704
-  _globals['_DELETEBANKRESPONSE']._serialized_start=706
-  _globals['_DELETEBANKRESPONSE']._serialized_end=726
-  _globals['_LISTBANKSREQUEST']._serialized_start=728
-  _globals['_LISTBANKSREQUEST']._serialized_end=746
-  _globals['_LISTBANKSRESPONSE']._serialized_start=748
-  _globals['_LISTBANKSRESPONSE']._serialized_end=804
-  _globals['_APPENDREQUEST']._serialized_start=806
-  _globals['_APPENDREQUEST']._serialized_end=923
-  _globals['_APPENDRESPONSE']._serialized_start=925
-  _globals['_APPENDRESPONSE']._serialized_end=1036
-  _globals['_SEARCHREQUEST']._serialized_start=1038
-  _globals['_SEARCHREQUEST']._serialized_end=1120
-  _globals['_SEARCHHEADER']._serialized_start=1123
-  _globals['_SEARCHHEADER']._serialized_end=1363
-  _globals['_SEARCHRESPONSE']._serialized_start=1366
-  _globals['_SEARCHRESPONSE']._serialized_end=1526
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1528
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1583
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1585
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1665
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1667
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1684
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1686
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1747
-  _globals['_SHARDSNAPSHOT']._serialized_start=1749
-  _globals['_SHARDSNAPSHOT']._serialized_end=1809
-  _globals['_DESCRIBESERVICEREQUEST']._serialized_start=1811
-  _globals['_DESCRIBESERVICEREQUEST']._serialized_end=1835
-  _globals['_SHARDINFO']._serialized_start=1838
-  _globals['_SHARDINFO']._serialized_end=2050
-  _globals['_SERVICEINFO']._serialized_start=2052
-  _globals['_SERVICEINFO']._serialized_end=2104
-  _globals['_MEMORYSERVICE']._serialized_start=2221
-  _globals['_MEMORYSERVICE']._serialized_end=2931
+  _globals['_BANKSPEC']._serialized_end=361
+  _globals['_BANKINFO']._serialized_start=364
+  _globals['_BANKINFO']._serialized_end=630
+  _globals['_CREATEBANKREQUEST']._serialized_start=632
+  _globals['_CREATEBANKREQUEST']._serialized_end=701
+  _globals['_BANKREF']._serialized_start=703
+  _globals['_BANKREF']._serialized_end=726
+  _globals['_DELETEBANKRESPONSE']._serialized_start=728
+  _globals['_DELETEBANKRESPONSE']._serialized_end=748
+  _globals['_LISTBANKSREQUEST']._serialized_start=750
+  _globals['_LISTBANKSREQUEST']._serialized_end=768
+  _globals['_LISTBANKSRESPONSE']._serialized_start=770
+  _globals['_LISTBANKSRESPONSE']._serialized_end=826
+  _globals['_APPENDREQUEST']._serialized_start=828
+  _globals['_APPENDREQUEST']._serialized_end=945
+  _globals['_APPENDRESPONSE']._serialized_start=947
+  _globals['_APPENDRESPONSE']._serialized_end=1058
+  _globals['_SEARCHREQUEST']._serialized_start=1060
+  _globals['_SEARCHREQUEST']._serialized_end=1142
+  _globals['_SEARCHHEADER']._serialized_start=1145
+  _globals['_SEARCHHEADER']._serialized_end=1385
+  _globals['_SEARCHRESPONSE']._serialized_start=1388
+  _globals['_SEARCHRESPONSE']._serialized_end=1548
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1550
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1605
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1607
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1687
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1689
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1706
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1708
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1769
+  _globals['_SHARDSNAPSHOT']._serialized_start=1771
+  _globals['_SHARDSNAPSHOT']._serialized_end=1831
+  _globals['_DESCRIBESERVICEREQUEST']._serialized_start=1833
+  _globals['_DESCRIBESERVICEREQUEST']._serialized_end=1857
+  _globals['_SHARDINFO']._serialized_start=1860
+  _globals['_SHARDINFO']._serialized_end=2072
+  _globals['_SERVICEINFO']._serialized_start=2074
+  _globals['_SERVICEINFO']._serialized_end=2126
+  _globals['_MEMORYSERVICE']._serialized_start=2243
+  _globals['_MEMORYSERVICE']._serialized_end=2953
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BankSpec(_message.Message):
-    __slots__ = ("kv_heads", "head_dim", "chunk_size", "capacity_tokens", "dtype", "index", "eviction", "nlist", "nprobe", "m", "ef_search")
+    __slots__ = ("kv_heads", "head_dim", "chunk_size", "capacity_tokens", "dtype", "index", "eviction", "nlist", "nprobe", "m", "ef_search", "search_dtype")
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class BankSpec(_message.Message):
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     M_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_DTYPE_FIELD_NUMBER: _ClassVar[int]
     kv_heads: int
     head_dim: int
     chunk_size: int
@@ -60,7 +61,8 @@ class BankSpec(_message.Message):
     nprobe: int
     m: int
     ef_search: int
-    def __init__(self, kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., index: _Optional[str] = ..., eviction: _Optional[str] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., m: _Optional[int] = ..., ef_search: _Optional[int] = ...) -> None: ...
+    search_dtype: str
+    def __init__(self, kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., chunk_size: _Optional[int] = ..., capacity_tokens: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., index: _Optional[str] = ..., eviction: _Optional[str] = ..., nlist: _Optional[int] = ..., nprobe: _Optional[int] = ..., m: _Optional[int] = ..., ef_search: _Optional[int] = ..., search_dtype: _Optional[str] = ...) -> None: ...
 
 class BankInfo(_message.Message):
     __slots__ = ("name", "spec", "size_tokens", "chunks", "pending_tokens", "appended_chunks", "evicted_chunks", "shards", "bytes", "created_at", "lost_chunks", "deleted_chunks")
