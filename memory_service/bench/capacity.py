@@ -1,11 +1,12 @@
 """`capacity`: one bank as large as asked, filled and searched on this machine.
 
-One bank of SmolLM2's shape (3 kv heads x 64, chunks of 4) and `dtype` (int4 by default;
-its chunk means in `search_dtype`, float32 by default), with a capacity of `tokens`, lives
-in one in-process shard (`InProcessClient`). It gets `tokens` Gaussian tokens (each
-token's keys are also its values) in appends of 65,536, under a progress bar that shows the process RSS, then answers 128 queries x 9 heads (top 16) three
-times; the median is recorded. Before any work, the bytes it needs (`estimate_bytes`) are
-compared with 85% of the memory available now, and a bank that does not fit is refused.
+One bank of SmolLM2's shape (3 kv heads x 64, chunks of 4) and `dtype` (int4 by default; its
+chunk means in `search_dtype`, float32 by default), with a capacity of `tokens`, lives in
+one in-process shard (`InProcessClient`). It gets `tokens` Gaussian tokens (each token's
+keys are also its values) in appends of 65,536, under a progress bar that shows the process
+RSS, then answers 128 queries x 9 heads (top 16) three times; the median is recorded. Before
+any work, the bytes it needs (`estimate_bytes`) are compared with 85% of the memory
+available now, and a bank that does not fit is refused.
 
 Writes `capacity.json` (one row: tokens, bytes per token, bank GB, process RSS, search and
 append times) and `capacity.png` (the bank, the process and the machine's memory in GB).
