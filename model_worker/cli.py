@@ -256,6 +256,11 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
         "--recall-weight", type=float, default=TrainConfig.recall_weight,
         help="loss weight of the tokens only memory can predict (answers, repeated passages)",
     )
+    p.add_argument(
+        "--distractors", type=int, default=TrainConfig.distractors,
+        help="tokens of memory from documents no stream reads, written into every bank "
+        "before its document (retrieval then searches a larger bank, as in long evaluations)",
+    )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")

@@ -41,6 +41,7 @@ from model_worker.data import Corpus, DataError, Document, encode, windows
 from model_worker.memory import Memory
 from model_worker.model import LongMemModel, LongMemOutput
 from model_worker.session import (
+    APPEND_BYTES,
     UNTRAINED,
     TimedMemory,
     default_device,
@@ -211,9 +212,6 @@ def passkey_trial(
     stream[depth : depth + len(key_ids)] = key_ids
     stream += question + answer
     return PasskeyTrial(stream, window_start, (depth, depth + len(key_ids)), answer)
-
-
-APPEND_BYTES = 32 << 20  # keys + values per append call: well under a request's 64 MiB
 
 
 class SegmentCache:

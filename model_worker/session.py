@@ -170,6 +170,17 @@ def open_bank(
     model.create_banks(memory, [name], capacity_tokens, **storage)
 
 
+APPEND_BYTES = 32 << 20  # keys + values per append call: well under a request's 64 MiB
+
+
+def append_in_parts(memory: Memory, bank: str, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Append keys/values (N, Hkv, D) to `bank` in calls of at most `APPEND_BYTES`."""
+    per_token = 2 * keys[0].numel() * keys.element_size()
+    step = max(1, APPEND_BYTES // per_token)
+    for i in range(0, len(keys), step):
+        memory.append(bank, keys[i : i + step], values[i : i + step])
+
+
 @torch.no_grad()
 def read_into_bank(
     memory: Memory,

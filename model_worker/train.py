@@ -6,7 +6,11 @@ Per step, for B streams (row b = the next segment of stream b; docs/method.md):
     loss.backward(); clip; optimizer step  # every --grad-accum steps
     model.append_memory(memory, banks, out)  # then the segment enters the banks
 
-A stream's bank is reset when its document ends. The memory is the embedded service (local
+A stream's bank is reset when its document ends. With `--distractors N` it then first gets
+N tokens of memory read from documents no stream reads (the same for every document, read
+once at the start): retrieval must find the document's own past among far more chunks, as
+it must in a 100k-token evaluation, while the documents themselves span 2k-9k tokens. The
+memory is the embedded service (local
 Ray + gRPC on loopback) unless `--memory HOST:PORT` names a running one. With
 `--workers N`, Ray Train runs N data-parallel workers: each has its own streams and banks,
 and gradients are averaged over the workers before every optimizer step.
@@ -28,13 +32,14 @@ from tqdm import tqdm
 from memory_service.files import atomic_dir
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import SEGMENT_LEN, MemoryConfig
-from model_worker.data import Corpus, RecallCorpus, Streams
+from model_worker.data import Corpus, DataError, RecallCorpus, Streams, windows
 from model_worker.joint_attention import HEAD_GATE_LR
 from model_worker.model import LongMemModel
 from model_worker.session import (
     UNTRAINED,
     SessionError,
     TimedMemory,
+    append_in_parts,
     connect,
     default_device,
     load_model,
@@ -63,6 +68,7 @@ class TrainConfig:
     token_gate_lr: float = 1e-3  # the token gates' map (hidden size inputs: a smaller rate)
     adapter_lr: float = 1e-3  # the memory path's low-rank maps (SideNetConfig.memory_rank)
     recall_weight: float = 2.0  # loss weight of the tokens only memory can predict (recall mix)
+    distractors: int = 0  # tokens of other documents' memory in every bank before its own
     warmup: int = 10
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -148,6 +154,34 @@ def param_groups(model: LongMemModel, cfg: TrainConfig) -> list[dict]:
     ]
 
 
+@torch.no_grad()
+def distractor_memory(
+    model: LongMemModel, corpus: Corpus | RecallCorpus, n_tokens: int, segment_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory of the first `n_tokens` tokens (after each one's context) of `corpus`'s
+    documents, read on the reading grid: keys and values (n_tokens, n_mem * Hkv, D),
+    float16, on the CPU."""
+    keys, values, done, i = [], [], 0, 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="distractor memory")
+    while done < n_tokens:
+        if i >= len(corpus):
+            raise DataError(f"--distractors {n_tokens}: the corpus holds only {done} tokens")
+        doc, i = corpus.document(i), i + 1
+        if doc is None:
+            continue
+        for lo, start, end in windows(len(doc.tokens), segment_len, model.config.context):
+            k, v = model.encode_memory(doc.tokens[None, lo:end].to(model.device), start - lo)
+            take = min(n_tokens - done, k.shape[1])
+            keys.append(k[0, :take].half().cpu())
+            values.append(v[0, :take].half().cpu())
+            done += take
+            bar.update(take)
+            if done == n_tokens:
+                break
+    bar.close()
+    return torch.cat(keys), torch.cat(values)
+
+
 # --- the loop --------------------------------------------------------------------------
 
 
@@ -172,6 +206,10 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
     elif cfg.mix != "plain":
         raise ValueError(f"--mix {cfg.mix!r}: choose recall or plain")
     streams = Streams(corpus, cfg.batch_size, model.config.context, cfg.seed, rank, world)
+    distractors = None
+    if cfg.distractors:  # documents of another seed: never read by a stream of this run
+        other = RecallCorpus(corpus.source, cfg.seed + 1) if cfg.mix == "recall" else corpus
+        distractors = distractor_memory(model, other, cfg.distractors, cfg.segment_len)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(
         param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
@@ -195,6 +233,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
         open_bank(memory, model, bank, cfg.memory.capacity_tokens, **cfg.memory.storage)
         s = streams.streams[b]
         if resume and s.doc >= 0 and s.segment > 0:  # rebuild what the bank held
+            if distractors is not None:
+                append_in_parts(memory, bank, *distractors)
             done = streams.current(b).tokens[: model.config.context + s.segment * cfg.segment_len]
             read_into_bank(memory, model, bank, done, cfg.segment_len)
 
@@ -217,6 +257,8 @@ def train_worker(cfg: TrainConfig, address: str, rank: int = 0, world: int = 1) 
             for bank, new in zip(banks, batch.new_document, strict=True):
                 if new:
                     memory.reset_bank(bank)
+                    if distractors is not None:
+                        append_in_parts(memory, bank, *distractors)
             ids, targets = batch.input_ids.to(device), batch.targets.to(device)
             recall = batch.recall.flatten().to(device)  # (B*T,) only memory predicts these
             with autocast:
@@ -314,6 +356,11 @@ def train(cfg: TrainConfig) -> dict:
     service; returns a summary with the final loss, tokens, seconds and memory seconds."""
     if cfg.steps < 1 or cfg.grad_accum < 1 or cfg.batch_size < 1 or cfg.workers < 1:
         raise ValueError("--steps, --grad-accum, --batch-size and --workers must be at least 1")
+    if not 0 <= cfg.distractors <= cfg.memory.capacity_tokens // 2:
+        raise ValueError(
+            f"--distractors {cfg.distractors} must be in [0, half of --capacity-tokens "
+            f"({cfg.memory.capacity_tokens})]: the bank must still hold the document"
+        )
     if cfg.memory.address is not None:  # fail early, before Ray starts
         connect(cfg.memory.address, cfg.memory).close()
     with service_address(cfg.memory) as address:

@@ -4,6 +4,7 @@ resume, and Ray Train data parallel with 2 CPU workers."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import ray
@@ -18,6 +19,7 @@ from model_worker.sidenet import SideNetConfig
 from model_worker.train import (
     TRAINER_STATE,
     TrainConfig,
+    distractor_memory,
     lr_at,
     param_groups,
     save_training_checkpoint,
@@ -219,3 +221,38 @@ def test_ray_train_two_cpu_workers(assets, service, tmp_path):
     # the workers' checkpoints loads into a fresh model
     model, _ = load_model(None, str(out))
     assert model.backbone_name == str(assets[0])
+
+
+def test_distractor_memory_fills_every_bank_before_its_document(assets, service, tmp_path):
+    out = tmp_path / "ck"
+    cfg = tiny_cfg(assets, service, out, steps=3, save_every=3, distractors=96, bank_prefix="t6")
+    train(cfg)
+    client = MemoryClient(service.address)
+
+    def held() -> list[int]:
+        banks = {b.name: b for b in client.list_banks()}
+        state = json.loads((out / TRAINER_STATE).read_text())
+        return [
+            banks[f"t6-w0-s{b}"].size_tokens + banks[f"t6-w0-s{b}"].pending_tokens - segment * 32
+            for b, (_, segment) in enumerate(state["streams"][0]["streams"])
+        ]
+
+    assert held() == [96, 96]  # besides the document read so far: the distractors
+    train(replace(cfg, steps=5, resume=True))
+    assert held() == [96, 96]  # resume wrote them again before rebuilding the document
+    client.close()
+    # they are the memory of documents no stream reads, read on the grid
+    model, tokenizer = load_model(str(assets[0]), None, cfg.sidenet)
+    source = RecallCorpus(Corpus(str(assets[1]), tokenizer, 32), seed=1)
+    keys, values = distractor_memory(model, source, 40, 32)
+    doc = next(d for i in range(len(source)) if (d := source.document(i)) is not None)
+    k, v = model.encode_memory(doc.tokens[None, :36], 4)  # context 4, one 32-token segment
+    assert keys.shape == (40, model.bank_heads, model.head_dim) and keys.dtype == torch.float16
+    torch.testing.assert_close(keys[:32], k[0].half())
+    torch.testing.assert_close(values[:32], v[0].half())
+
+
+def test_too_many_distractors_are_refused(assets, service, tmp_path):
+    memory = MemoryConfig(address=service.address, capacity_tokens=256)
+    with pytest.raises(ValueError, match="--distractors 200 must be"):
+        train(tiny_cfg(assets, service, tmp_path / "ck", distractors=200, memory=memory))
