@@ -60,6 +60,7 @@ def _config(cls, args: argparse.Namespace):
             train_layers=getattr(args, "train_layers", SideNetConfig.train_layers),
             token_gate=getattr(args, "token_gate", SideNetConfig.token_gate),
             memory_rank=getattr(args, "memory_rank", SideNetConfig.memory_rank),
+            map_search=getattr(args, "map_search", SideNetConfig.map_search),
         )
     return cls(**kw)
 
@@ -247,6 +248,10 @@ def add_model_parsers(sub: argparse._SubParsersAction) -> None:
         "--memory-rank", type=int, default=SideNetConfig.memory_rank,
         help="rank of the low-rank maps on each memory layer's memory path (the query that "
         "reads memory, and memory's change to the output); 0: none",
+    )
+    p.add_argument(
+        "--map-search", action=argparse.BooleanOptionalAction, default=SideNetConfig.map_search,
+        help="the memory query map also shifts the queries that search memory",
     )
     p.add_argument(
         "--adapter-lr", type=float, default=TrainConfig.adapter_lr,

@@ -33,8 +33,9 @@ ask memory for something other than what it asks its window; `memory_out` adds
 output, so memory's contribution need not pass through the frozen output projection alone.
 
 Retrieval (in `sidenet.SideNet`, once per step for all memory layers) uses the backbone's
-own query of this layer, rotated the same way, against the chunks' mean keys; here each
-layer attends to its share of what was found with its own query. Retrieved keys/values are
+own query of this layer (with `map_search`, plus `memory_query`'s shift of the backbone's
+normed input), rotated the same way, against the chunks' mean keys; here each layer attends
+to its share of what was found with its own query. Retrieved keys/values are
 the backbone's own projections, used as stored. Grouped-query attention: query head h reads
 key/value head h // (Hq / Hkv), locally and in the banks.
 """
@@ -207,6 +208,10 @@ class JointAttentionLayer(nn.Module):
         maps = [m for m in (self.memory_query, self.memory_out) if m is not None]
         return [p for m in maps for p in m.parameters()]
 
+    def query_shift(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed input h (B, T, C) -> what `memory_query` adds to its queries (B, T, Hq, D)."""
+        return self.memory_query(h).unflatten(-1, (self.n_heads, self.head_dim))
+
     def head_gates(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normed input h (B, T, C) -> each token's scale and bias, (H,) or (B, T, H)."""
         if self.shared is None:
@@ -234,7 +239,7 @@ class JointAttentionLayer(nn.Module):
         to = {"device": q.device, "dtype": q.dtype}
         q_m, h_m = q[:, n_context:], h[:, n_context:]  # the tokens that read memory
         if self.memory_query is not None:
-            q_m = q_m + self.memory_query(h_m).view_as(q_m)
+            q_m = q_m + self.query_shift(h_m)
         m, lse_m = memory_attention(
             self.to_memory(q_m), found.keys.to(**to), found.values.to(**to),
             found.mask.to(q.device), scaling,

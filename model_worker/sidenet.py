@@ -84,6 +84,8 @@ class SideNetConfig:
         gates only.
     memory_rank: rank of the memory path's low-rank maps in every joint-attention layer
         (`JointAttentionLayer`; 0 = none).
+    map_search: the memory query map also shifts the queries that search memory, so the
+        chunks found are those the memory attention it trains for would pick.
     use_memory: off = every layer is plain local attention.
     """
 
@@ -96,6 +98,7 @@ class SideNetConfig:
     train_layers: str = "gates"
     token_gate: bool = True
     memory_rank: int = 16
+    map_search: bool = True
     use_memory: bool = True
 
     def resolve(self, n_layers: int) -> SideNetConfig:
@@ -135,9 +138,9 @@ class SideNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> SideNetConfig:
-        """The config a checkpoint stored (older ones have neither token gates nor memory
-        maps, and no key for them)."""
-        return cls(**({"token_gate": False, "memory_rank": 0} | d))
+        """The config a checkpoint stored (older ones have no token gates, memory maps or
+        mapped search, and no key for them)."""
+        return cls(**({"token_gate": False, "memory_rank": 0, "map_search": False} | d))
 
 
 class SideNet(nn.Module):
@@ -149,6 +152,7 @@ class SideNet(nn.Module):
         self.r = config.r
         self.sources = config.memory_sources(backbone.n_layers)
         self.first = (self.sources[0] + 1) // self.r - 1  # SideNet index of self.layers[0]
+        self.adapter = backbone.adapter
         self.to_memory = MemoryDistance(backbone.rotary_at(config.memory_distance))
         self.shared_gate = SharedGate() if config.token_gate else None
         src = backbone.adapter.layers(backbone.model)
@@ -184,6 +188,20 @@ class SideNet(nn.Module):
         """Every memory-path low-rank map's parameters (none when memory_rank is 0)."""
         return [p for layer in self.joint_layers for p in layer.adapters()]
 
+    @torch.no_grad()
+    def search_queries(self, bb: BackboneOutput, n_context: int) -> torch.Tensor:
+        """The un-rotated queries that search memory (B, T', n_mem * Hq, D): the memory
+        layers' backbone queries, with `map_search` shifted by each layer's memory query
+        map of the backbone's normed input to that layer."""
+        q = bb.queries[:, n_context:]
+        if not (self.config.map_search and self.config.memory_rank):
+            return q
+        shifts = [
+            j.query_shift(self.adapter.norm1(j.layer)(bb.hidden[src][:, n_context:]))
+            for j, src in zip(self.joint_layers, self.sources, strict=True)
+        ]
+        return q + torch.cat(shifts, dim=2)
+
     def forward(
         self, bb: BackboneOutput, retrieve: Retrieve | None, n_context: int = 0
     ) -> tuple[torch.Tensor, SearchResult | None]:
@@ -191,7 +209,7 @@ class SideNet(nn.Module):
         The first `n_context` positions are context only: they do not query memory."""
         found = pairs = None
         if retrieve is not None:  # one search for every memory layer, before this segment's
-            found = retrieve(self.to_memory(bb.queries[:, n_context:]).detach())  # keys enter
+            found = retrieve(self.to_memory(self.search_queries(bb, n_context)))  # keys enter
             pairs = Retrieved.split(found, len(self.sources))
         x = bb.hidden[self.r * self.first]  # (B, T, C)
         for i, layer in enumerate(self.layers, start=self.first):

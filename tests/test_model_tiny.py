@@ -210,6 +210,25 @@ def test_memory_maps_start_at_zero_and_act_on_memory_alone(family):
     assert maps <= {id(p) for p in model.trainable_parameters()}
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_map_search_shifts_the_queries_that_search_memory(family):
+    """With `map_search` the memory query map also moves the search: at 0 it finds what
+    the backbone's queries find, non-zero it finds other chunks, and without `map_search`
+    the same maps leave the search to the backbone's queries."""
+    model = tiny_model(FAMILIES[family](), memory_rank=4)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    mem = filled_memory(model, ["a", "b"], 96, seed=1)
+    plain = model(ids, ["a", "b"], mem).retrieved.chunk_ids
+    with torch.no_grad():
+        for joint in model.sidenet.joint_layers:
+            joint.memory_query.up.weight.normal_(std=3.0)
+        mapped = model(ids, ["a", "b"], mem).retrieved.chunk_ids
+        model.sidenet.config.map_search = False
+        unmapped = model(ids, ["a", "b"], mem).retrieved.chunk_ids
+    assert not torch.equal(mapped, plain)
+    assert torch.equal(unmapped, plain)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_model_on_cuda_with_gpu_banks_matches_cpu_and_trains(family):
@@ -420,10 +439,11 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
     with pytest.raises(ValueError, match="made for backbone 'tiny-0'.*model_type"):
         tiny_model(gpt2_config(), train_layers="memory").load_checkpoint(tmp_path / "ck")
 
-    old = {"token_gate": False, "memory_rank": 0}  # as before token gates and memory maps
+    old = {"token_gate": False, "memory_rank": 0, "map_search": False}  # as before them
     tiny_model(llama_config(), **old).save_checkpoint(tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "longmem.json").read_text())
-    del meta["sidenet"]["token_gate"], meta["sidenet"]["memory_rank"]
+    for key in old:
+        del meta["sidenet"][key]
     (tmp_path / "old" / "longmem.json").write_text(json.dumps(meta))
     tiny_model(llama_config(), **old).load_checkpoint(tmp_path / "old")
     with pytest.raises(ValueError, match="SideNet config"):
