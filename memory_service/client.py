@@ -175,9 +175,19 @@ class MemoryClient:
         return wire.delete_from_wire(self._rpc("DeleteDocument", request))
 
     def search(self, names: Sequence[str], queries: torch.Tensor, top_k: int) -> SearchResult:
-        """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`."""
-        request = pb.SearchRequest(banks=list(names), queries=wire.encode(queries), top_k=top_k)
-        return self._rpc("Search", request, retry=True).expand()
+        """Top `top_k` chunks for queries `(B, n, q_heads, head_dim)`, row b in bank `names[b]`.
+        A search whose answer header (16 bytes per found chunk) would pass half the message
+        limit is sent as several, over consecutive ranges of the n queries."""
+        B, n, Hq, _ = queries.shape
+        per_query = max(1, B * Hq * top_k * wire.SEARCH_ENTRY_BYTES)
+        step = max(1, wire.MAX_MESSAGE_BYTES // 2 // per_query)
+        parts = []
+        for i in range(0, max(n, 1), step):
+            request = pb.SearchRequest(
+                banks=list(names), queries=wire.encode(queries[:, i : i + step]), top_k=top_k
+            )
+            parts.append(self._rpc("Search", request, retry=True).expand())
+        return SearchResult.cat_queries(parts)
 
     def snapshot(self) -> list[ShardSnapshot]:
         """Save the service's catalog and shards to its --snapshot-dir now."""

@@ -51,6 +51,17 @@ class SearchResult:
         chunk_size = self.keys.shape[-2] // self.valid.shape[-1]
         return self.valid.repeat_interleave(chunk_size, dim=-1)
 
+    @staticmethod
+    def cat_queries(parts: list[SearchResult]) -> SearchResult:
+        """The results of searches for consecutive ranges of queries, as one search's."""
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("keys", "values", "scores", "chunk_ids", "valid")
+        missing = sorted({s for p in parts for s in p.missing_shards})
+        return SearchResult(
+            *(torch.cat([getattr(p, f) for p in parts], dim=1) for f in fields), tuple(missing)
+        )
+
 
 @dataclass
 class CompactResult:

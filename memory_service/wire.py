@@ -27,6 +27,7 @@ from protos.longmem.v1 import memory_pb2 as pb
 
 MAX_MESSAGE_BYTES = 64 << 20  # largest request accepted; larger ones get RESOURCE_EXHAUSTED
 SEARCH_PART_BYTES = 16 << 20  # chunk-table bytes per streamed search message
+SEARCH_ENTRY_BYTES = 16  # a search answer's header per found chunk: score, chunk id, slot
 MAX_DIMS = 8
 TORCH_OF = {
     pb.FLOAT16: torch.float16,

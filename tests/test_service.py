@@ -8,6 +8,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from memory_service import wire
 from memory_service.client import InProcessClient, MemoryClient
 from memory_service.errors import InvalidArgument, NotFound, PermissionDenied, Unavailable
 from memory_service.search import CompactResult
@@ -106,6 +107,24 @@ def test_large_answer_streams_in_parts(services):
     torch.testing.assert_close(r.scores[0], got, rtol=0, atol=1e-4)
     c.delete_bank("big")
     c.close()
+
+
+def test_search_with_a_header_over_the_message_limit_is_sent_in_parts(services):
+    """4.3M found chunks make a 69 MB answer header, over the 64 MiB message limit: the
+    client asks for consecutive ranges of the queries and joins the answers."""
+    local, remote = InProcessClient(), MemoryClient(services[3].address, ALICE)
+    for c in (local, remote):
+        keys, _ = fill(c, "many", 512, seed=3, kv_heads=1, head_dim=8, chunk_size=1)
+    queries = torch.randn(2, 4200, 8, 8)
+    assert 2 * 4200 * 8 * 64 * wire.SEARCH_ENTRY_BYTES > wire.MAX_MESSAGE_BYTES
+    a, b = (c.search(["many", "many"], queries, 64) for c in (local, remote))
+    assert b.valid.all() and b.keys.shape == (2, 4200, 8, 64, 8)
+    assert torch.equal(b.keys, keys[:, 0].half()[b.chunk_ids])  # each query's own chunks
+    torch.testing.assert_close(b.scores, a.scores, rtol=0, atol=1e-4)
+    # ranks of near-equal scores may swap between 3 shards and 1
+    assert (a.chunk_ids == b.chunk_ids).float().mean() > 0.999
+    remote.delete_bank("many")
+    remote.close()
 
 
 def test_search_stream_reassembles_across_many_parts():
