@@ -152,7 +152,6 @@ class SideNet(nn.Module):
         self.r = config.r
         self.sources = config.memory_sources(backbone.n_layers)
         self.first = (self.sources[0] + 1) // self.r - 1  # SideNet index of self.layers[0]
-        self.adapter = backbone.adapter
         self.to_memory = MemoryDistance(backbone.rotary_at(config.memory_distance))
         self.shared_gate = SharedGate() if config.token_gate else None
         src = backbone.adapter.layers(backbone.model)
@@ -197,7 +196,7 @@ class SideNet(nn.Module):
         if not (self.config.map_search and self.config.memory_rank):
             return q
         shifts = [
-            j.query_shift(self.adapter.norm1(j.layer)(bb.hidden[src][:, n_context:]))
+            j.query_shift(j.adapter.norm1(j.layer)(bb.hidden[src][:, n_context:]))
             for j, src in zip(self.joint_layers, self.sources, strict=True)
         ]
         return q + torch.cat(shifts, dim=2)
