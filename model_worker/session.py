@@ -182,6 +182,18 @@ def append_in_parts(memory: Memory, bank: str, keys: torch.Tensor, values: torch
 
 
 @torch.no_grad()
+def read_memory(
+    model: LongMemModel, tokens: torch.Tensor, segment_len: int, first: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The memory layers' keys and values (T, Hkv, D) of `tokens[first:]` (default: all but
+    the first `context` tokens, which are context only), one reading window at a time, read
+    on the reading grid (`data.windows`) as the model reads them (backbone only: it alone
+    makes the memory)."""
+    for lo, start, end in windows(len(tokens), segment_len, model.config.context, first):
+        keys, values = model.encode_memory(tokens[None, lo:end].to(model.device), start - lo)
+        yield keys[0], values[0]
+
+
 def read_into_bank(
     memory: Memory,
     model: LongMemModel,
@@ -190,9 +202,6 @@ def read_into_bank(
     segment_len: int,
     first: int | None = None,
 ) -> None:
-    """Write the memory layers' keys/values of `tokens[first:]` (default: all but the first
-    `context` tokens, which are context only) into `bank`, read on the reading grid
-    (`data.windows`) as the model reads them (backbone only: it alone makes the memory)."""
-    for lo, start, end in windows(len(tokens), segment_len, model.config.context, first):
-        keys, values = model.encode_memory(tokens[None, lo:end].to(model.device), start - lo)
-        memory.append(bank, keys[0], values[0])  # (T, Hkv, D)
+    """Write the memory of `tokens[first:]` (`read_memory`) into `bank`."""
+    for keys, values in read_memory(model, tokens, segment_len, first):
+        memory.append(bank, keys, values)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from memory_service.files import atomic_dir
 from model_worker.backbone import DEFAULT_BACKBONE
 from model_worker.config import SEGMENT_LEN, MemoryConfig
-from model_worker.data import Corpus, DataError, RecallCorpus, Streams, windows
+from model_worker.data import Corpus, DataError, RecallCorpus, Streams
 from model_worker.joint_attention import HEAD_GATE_LR
 from model_worker.model import LongMemModel
 from model_worker.session import (
@@ -45,6 +45,7 @@ from model_worker.session import (
     load_model,
     open_bank,
     read_into_bank,
+    read_memory,
     service_address,
 )
 from model_worker.sidenet import SideNetConfig
@@ -169,11 +170,10 @@ def distractor_memory(
         doc, i = corpus.document(i), i + 1
         if doc is None:
             continue
-        for lo, start, end in windows(len(doc.tokens), segment_len, model.config.context):
-            k, v = model.encode_memory(doc.tokens[None, lo:end].to(model.device), start - lo)
-            take = min(n_tokens - done, k.shape[1])
-            keys.append(k[0, :take].half().cpu())
-            values.append(v[0, :take].half().cpu())
+        for k, v in read_memory(model, doc.tokens, segment_len):  # (T, Hkv, D)
+            take = min(n_tokens - done, len(k))
+            keys.append(k[:take].half().cpu())
+            values.append(v[:take].half().cpu())
             done += take
             bar.update(take)
             if done == n_tokens:
