@@ -10,6 +10,7 @@ import pytest
 import ray
 import torch
 
+from benchmarks.training_curve import curve_table
 from memory_service.client import MemoryClient
 from memory_service.service import start_service
 from model_worker.config import MemoryConfig
@@ -168,6 +169,10 @@ def test_train_checkpoints_and_resumes(assets, service, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]  # the curve, with the gates' values
     assert [len(row) for row in log[-1]["gate_scale"]] == [4]  # (memory layers, heads)
     assert [len(row) for row in log[-1]["gate_bias"]] == [4]
+    table = curve_table(tmp_path / "ck.log.jsonl", block=3).splitlines()  # TRAINING.md's table
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| 1-3", "| 4-4"]
+    first_block = sum(r["loss"] for r in log[:3]) / 3
+    assert float(table[2].split(" | ")[1]) == pytest.approx(first_block, abs=1e-3)
     # every step went through the service: the banks hold the streams' current documents
     client = MemoryClient(service.address)
     banks = {b.name: b for b in client.list_banks()}
