@@ -92,7 +92,7 @@ class SideNetConfig:
     r: int = 1
     memory_layers: list[int] | None = None
     k: int = 64
-    chunk_size: int = 4
+    chunk_size: int = 1  # single tokens: retrieval finds one token's key (method section 8)
     context: int = 64
     memory_distance: int = 512
     train_layers: str = "gates"

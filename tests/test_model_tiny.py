@@ -378,7 +378,7 @@ def test_unsupported_architecture_is_refused():
 
 def test_config_defaults_and_validation():
     c = SideNetConfig().resolve(30)  # SmolLM2
-    assert (c.memory_layers, c.k, c.chunk_size, c.r) == ([14, 23], 64, 4, 1)
+    assert (c.memory_layers, c.k, c.chunk_size, c.r) == ([14, 23], 64, 1, 1)
     assert c.train_layers == "gates"
     assert c.memory_sources(30) == list(range(14, 24))
     assert SideNetConfig(r=2).resolve(30).memory_sources(30) == [15, 17, 19, 21, 23]
@@ -390,7 +390,7 @@ def test_config_defaults_and_validation():
     with pytest.raises(ValueError, match="first, last"):
         SideNetConfig(memory_layers=[20, 14]).resolve(30)
     with pytest.raises(ValueError, match="multiple of chunk_size"):
-        SideNetConfig(k=62).resolve(30)
+        SideNetConfig(k=62, chunk_size=4).resolve(30)
     with pytest.raises(ValueError, match="train_layers"):
         SideNetConfig(train_layers="some").resolve(30)
     with pytest.raises(ValueError, match="memory_distance"):
