@@ -11,7 +11,8 @@ not-yet-committed chunks, are excluded during the faiss search by an `IDSelector
 so they never take a place in the top-k. When stale labels outnumber the slots, the index
 is rebuilt from the current means (IVF keeps its training). The candidates faiss returns
 are rescored exactly from the float32 means (IVF-PQ fetches `PQ_REFINE` times `top_k` of
-them first), so scores are exact inner products and only recall is approximate.
+them first), in blocks of queries, so scores are exact inner products and only recall is
+approximate.
 
 faiss is imported on first use: `pip install 'longmem[ann]'` (faiss-cpu).
 """
@@ -29,7 +30,10 @@ from memory_service.errors import FailedPrecondition
 if TYPE_CHECKING:
     from memory_service.bank import BankSpec
 
-PQ_REFINE = 4  # IVF-PQ: candidates per wanted chunk, rescored exactly
+# IVF-PQ: candidates per wanted chunk, rescored exactly. On SmolLM2's keys (1M tokens, nlist
+# 1024, nprobe 64, m 16) recall@16 is 0.50 at 4, 0.77 at 16 and 0.92 at 64; IVF-flat 0.97.
+PQ_REFINE = 16
+RESCORE_BYTES = 64 << 20  # candidate vectors gathered at once while rescoring
 HNSW_MIN_CHUNKS = 4096  # below this, exact search is as fast
 MAX_TRAIN_PER_LIST = 64  # IVF training sample: at most this many means per list
 
@@ -136,8 +140,13 @@ class AnnIndex:
             found = labels >= 0
             slots[h][torch.from_numpy(found)] = torch.from_numpy(self.label_slot[labels[found]])
         heads = torch.arange(H, device=means.device)[:, None, None]
-        vectors = means[heads, slots.to(means.device).clamp(min=0)].float().cpu()  # (H, b, f, D)
-        exact = torch.einsum("hbd,hbfd->hbf", queries, vectors).masked_fill(slots < 0, -math.inf)
-        top = exact.topk(min(top_k, fetch), dim=-1)
-        slots = slots.gather(-1, top.indices).masked_fill(~torch.isfinite(top.values), -1)
-        return top.values, slots
+        scores, best = [], []
+        step = max(1, RESCORE_BYTES // (H * fetch * D * 4))  # queries per block
+        for lo in range(0, b, step):
+            cand = slots[:, lo : lo + step]  # (H, b', f)
+            vectors = means[heads, cand.to(means.device).clamp(min=0)].float().cpu()  # (H,b',f,D)
+            exact = torch.einsum("hbd,hbfd->hbf", queries[:, lo : lo + step], vectors)
+            top = exact.masked_fill(cand < 0, -math.inf).topk(min(top_k, fetch), dim=-1)
+            scores.append(top.values)
+            best.append(cand.gather(-1, top.indices).masked_fill(~torch.isfinite(top.values), -1))
+        return torch.cat(scores, dim=1), torch.cat(best, dim=1)

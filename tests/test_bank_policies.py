@@ -329,6 +329,7 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(
     from memory_service import ann
 
     monkeypatch.setattr(ann, "HNSW_MIN_CHUNKS", 312)  # as IVF with 8 lists: 39 * 8
+    monkeypatch.setattr(ann, "RESCORE_BYTES", 1 << 16)  # candidates rescored in many blocks
     builds = []
     build = ann.AnnIndex._build
     monkeypatch.setattr(
