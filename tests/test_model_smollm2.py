@@ -74,7 +74,7 @@ def test_untrained_model_is_the_backbone(smol):
     assert (out.memory_off_logits - alone).abs().max() < 1e-4
 
 
-def test_retrieval_query_and_cached_keys_share_a_space(smol):
+def test_retrieval_query_and_cached_keys_share_a_space(smol, monkeypatch):
     """Write a segment's own memory-layer keys/values into a bank and query with the same
     segment (SideNet memory-layer queries, untrained): retrieval finds the token's own
     neighbourhood far more often than chance.
@@ -87,15 +87,8 @@ def test_retrieval_query_and_cached_keys_share_a_space(smol):
     within 2 chunks of the token ~3x as often as chance.
     """
     model, tok = smol
-    default = model.config
-    model.config = replace(default, chunk_size=4)  # the chunks the figures above were measured on
-    try:
-        own_neighbourhood_is_retrieved(model, tok)
-    finally:
-        model.config = default
-
-
-def own_neighbourhood_is_retrieved(model: LongMemModel, tok) -> None:
+    # the chunks the figures above were measured on (restored after the test)
+    monkeypatch.setattr(model, "config", replace(model.config, chunk_size=4))
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :200]
     T, csz = ids.shape[1], model.config.chunk_size
     top_k = model.config.k // csz
