@@ -333,8 +333,11 @@ def test_logs_are_json_lines_naming_tenant_and_bank_never_a_key(service, certs, 
 
 def test_a_noisy_tenant_does_not_starve_a_quiet_one(service, certs):
     """16 noisy clients search back to back; the quiet tenant's p99 search latency stays
-    within 2x of its p99 with the noisy ones paused (median over 3 rounds, each phase
-    bounded to 60 searches or 3 s)."""
+    within 4x of its p99 with the noisy ones paused (median over 3 rounds, each phase
+    bounded to 60 searches or 3 s). The noisy tenant runs one search at a time, so a fair
+    service makes the quiet search wait for at most one of the same size (about 2x, more
+    on 2 busy cores); one that queued every search in arrival order would make it wait for
+    up to 16 (about 17x)."""
     for key, bank in ((QUIET, "quiet"), (NOISY, "noisy")):
         c = client(service, certs, key)
         c.create_bank(bank, kv_heads=3, head_dim=64, capacity_tokens=4096)
@@ -371,7 +374,7 @@ def test_a_noisy_tenant_does_not_starve_a_quiet_one(service, certs):
             tell("go")
             ratios.append(p99() / unloaded)
             tell("pause")
-        assert statistics.median(ratios) < 2.0, ratios
+        assert statistics.median(ratios) < 4.0, ratios
     finally:
         noisy.communicate("stop\n", timeout=60)
         quiet.close()
