@@ -1,0 +1,161 @@
+"""Recall@16 against search time for IVF-flat over nprobe, on one kv head of SmolLM2's keys.
+
+`longmem bench --suites index` builds each bank once per (size, index) and measures one
+`nprobe`; this sweeps many on one trained index, as plain faiss, to show the trade-off
+behind that choice. It reads a `benchmarks/real_keys.py` folder, takes kv head `--head`'s
+chunk means (chunks of 4, as the index suite's banks) of the first `--rows` key rows and
+the 384 queries of that head's 3 query heads, builds `faiss.IndexIVFFlat` (inner product,
+trained on 64 means per list, seed 0, as `memory_service.ann` trains) for each `--nlist`,
+and times a search of all queries (top 16, median of 3) at each `--nprobe`, against an
+exact flat search of the whole head and of its first 16,384 means (a 65,536-token bank).
+Writes `ivf_sweep.json` and `ivf_sweep.png` (recall@16 against time as a multiple of the
+65,536-token flat search) to `--out`.
+
+    python benchmarks/ivf_sweep.py --keys bench-keys --rows 16777216 --nlist 8192,16384 \\
+        --nprobe 128,256,384,512,768,1024 --out docs/bench/ivf-sweep-16m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+CSZ, TOP_K, FLAT_TOKENS = 4, 16, 65536
+
+
+def head_means(keys: np.ndarray, rows: int, head: int) -> np.ndarray:
+    """Chunk means `(rows // CSZ, D)` float32 of kv head `head`, read in blocks."""
+    D = keys.shape[-1]
+    means = np.empty((rows // CSZ, D), np.float32)
+    block = 1 << 20  # rows per read
+    for start in range(0, rows, block):
+        part = np.asarray(keys[start : min(rows, start + block), head], dtype=np.float32)
+        first = start // CSZ
+        means[first : first + len(part) // CSZ] = part.reshape(-1, CSZ, D).mean(1)
+    return means
+
+
+def timed(fn, repeats: int = 3) -> tuple[float, np.ndarray]:
+    """Median seconds of `repeats` calls of `fn` and its last answer."""
+    times, answer = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        answer = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), answer
+
+
+def recall(found: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / TOP_K for a, b in zip(found, exact, strict=True)]))
+
+
+def sweep(means: np.ndarray, queries: np.ndarray, nlists: list[int], nprobes: list[int]) -> dict:
+    """The exact and 65k-flat times, and one row per (nlist, nprobe)."""
+    D = means.shape[1]
+
+    def flat_search(vectors: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
+        flat = faiss.IndexFlatIP(D)
+        flat.add(vectors)
+        return timed(lambda: flat.search(queries, TOP_K)[1], repeats)
+
+    exact_s, exact = flat_search(means, repeats=1)
+    flat_65k_s, _ = flat_search(means[: FLAT_TOKENS // CSZ], repeats=3)
+    rows = []
+    for nlist in nlists:
+        quantizer = faiss.IndexFlatIP(D)
+        index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = min(len(means), 64 * nlist)
+        pick = np.random.default_rng(0).choice(len(means), sample, replace=False)
+        started = time.perf_counter()
+        index.train(means[pick])
+        train_s = time.perf_counter() - started
+        started = time.perf_counter()
+        index.add(means)
+        add_s = time.perf_counter() - started
+        for nprobe in (p for p in nprobes if p <= nlist):
+            index.nprobe = nprobe
+            search_s, found = timed(lambda: index.search(queries, TOP_K)[1])  # noqa: B023
+            rows.append(
+                {
+                    "nlist": nlist,
+                    "nprobe": nprobe,
+                    "recall_at_16": round(recall(found, exact), 4),
+                    "search_s": round(search_s, 4),
+                    "x_flat_65k": round(search_s / flat_65k_s, 2),
+                    "train_s": round(train_s, 1),
+                    "add_s": round(add_s, 1),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return {"exact_s": round(exact_s, 3), "flat_65k_s": round(flat_65k_s, 4), "rows": rows}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for nlist in sorted({r["nlist"] for r in result["rows"]}):
+        points = [
+            (r["x_flat_65k"], r["recall_at_16"], r["nprobe"])
+            for r in result["rows"]
+            if r["nlist"] == nlist
+        ]
+        xs, ys, _ = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=f"nlist {nlist}")
+        for x, y, nprobe in points:
+            ax.annotate(
+                str(nprobe), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7
+            )
+    ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+    ax.axvline(10, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("search time / exact search of a 65,536-token bank")
+    ax.set_ylabel("recall@16 (labels: nprobe)")
+    ax.set_title(f"IVF-flat, {result['rows_read']:,} key rows, kv head {result['head']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--keys", default="bench-keys", help="a benchmarks/real_keys.py folder")
+    p.add_argument("--rows", type=int, default=None, help="key rows to index (default: all)")
+    p.add_argument("--head", type=int, default=0, help="kv head")
+    p.add_argument("--nlist", default="8192,16384")
+    p.add_argument("--nprobe", default="128,256,384,512,768,1024")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="bench/ivf-sweep")
+    args = p.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    keys = np.load(Path(args.keys) / "keys.npy", mmap_mode="r")  # (N, H, D)
+    rows = min(args.rows or len(keys), len(keys)) // CSZ * CSZ
+    queries = np.load(Path(args.keys) / "queries.npy")  # (Q, Hq, D)
+    g = queries.shape[1] // keys.shape[1]  # query heads per kv head
+    q = np.ascontiguousarray(queries[:, args.head * g : (args.head + 1) * g], dtype=np.float32)
+    result = sweep(
+        head_means(keys, rows, args.head),
+        q.reshape(-1, q.shape[-1]),
+        [int(v) for v in args.nlist.split(",")],
+        [int(v) for v in args.nprobe.split(",")],
+    )
+    result |= {"keys": args.keys, "rows_read": rows, "head": args.head, "threads": args.threads}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ivf_sweep.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "ivf_sweep.png")
+    print(f"wrote {out / 'ivf_sweep.json'} and ivf_sweep.png")
+
+
+if __name__ == "__main__":
+    main()
