@@ -5,14 +5,14 @@
 behind that choice. It reads a `benchmarks/real_keys.py` folder, takes kv head `--head`'s
 chunk means (chunks of 4, as the index suite's banks) of the first `--rows` key rows and
 the 384 queries of that head's 3 query heads, builds `faiss.IndexIVFFlat` (inner product,
-trained on 64 means per list, seed 0, as `memory_service.ann` trains) for each `--nlist`,
-and times a search of all queries (top 16, median of 3) at each `--nprobe`, against an
+trained on `ann.MAX_TRAIN_PER_LIST` means per list, seed 0) for each `--nlist`, and times
+a search of all queries (top 16, median of 3 after one) at each `--nprobe`, against an
 exact flat search of the whole head and of its first 16,384 means (a 65,536-token bank).
 Writes `ivf_sweep.json` and `ivf_sweep.png` (recall@16 against time as a multiple of the
 65,536-token flat search) to `--out`.
 
-    python benchmarks/ivf_sweep.py --keys bench-keys --rows 16777216 --nlist 8192,16384 \\
-        --nprobe 128,256,384,512,768,1024 --out docs/bench/ivf-sweep-16m
+    python benchmarks/ivf_sweep.py --keys bench-keys16 --nlist 8192,16384 \\
+        --nprobe 128,256,384,512,768,1024 --threads 2 --out docs/bench/ivf-sweep-16m
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
-CSZ, TOP_K, FLAT_TOKENS = 4, 16, 65536
+from memory_service.ann import MAX_TRAIN_PER_LIST
+from memory_service.bench.common import CSZ, TOP_K, save_figure, timed
+from memory_service.bench.index import recall
+
+FLAT_TOKENS = 65536  # the reference bank
 
 
 def head_means(keys: np.ndarray, rows: int, head: int) -> np.ndarray:
@@ -41,36 +46,29 @@ def head_means(keys: np.ndarray, rows: int, head: int) -> np.ndarray:
     return means
 
 
-def timed(fn, repeats: int = 3) -> tuple[float, np.ndarray]:
-    """Median seconds of `repeats` calls of `fn` and its last answer."""
-    times, answer = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        answer = fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), answer
-
-
-def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / TOP_K for a, b in zip(found, exact, strict=True)]))
+def search(index, queries: np.ndarray, repeats: int) -> tuple[float, torch.Tensor]:
+    """The top-k labels `(Q, TOP_K)` of `queries` in `index`, and the median seconds of
+    `repeats` more searches (after this first one)."""
+    found = torch.from_numpy(index.search(queries, TOP_K)[1])
+    return statistics.median(timed(lambda: index.search(queries, TOP_K), repeats, 0)), found
 
 
 def sweep(means: np.ndarray, queries: np.ndarray, nlists: list[int], nprobes: list[int]) -> dict:
     """The exact and 65k-flat times, and one row per (nlist, nprobe)."""
     D = means.shape[1]
 
-    def flat_search(vectors: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
-        flat = faiss.IndexFlatIP(D)
-        flat.add(vectors)
-        return timed(lambda: flat.search(queries, TOP_K)[1], repeats)
+    def flat(vectors: np.ndarray):
+        index = faiss.IndexFlatIP(D)
+        index.add(vectors)
+        return index
 
-    exact_s, exact = flat_search(means, repeats=1)
-    flat_65k_s, _ = flat_search(means[: FLAT_TOKENS // CSZ], repeats=3)
+    exact_s, exact = search(flat(means), queries, repeats=1)
+    flat_65k_s, _ = search(flat(means[: FLAT_TOKENS // CSZ]), queries, repeats=3)
     rows = []
     for nlist in nlists:
         quantizer = faiss.IndexFlatIP(D)
         index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = min(len(means), 64 * nlist)
+        sample = min(len(means), MAX_TRAIN_PER_LIST * nlist)
         pick = np.random.default_rng(0).choice(len(means), sample, replace=False)
         started = time.perf_counter()
         index.train(means[pick])
@@ -80,7 +78,7 @@ def sweep(means: np.ndarray, queries: np.ndarray, nlists: list[int], nprobes: li
         add_s = time.perf_counter() - started
         for nprobe in (p for p in nprobes if p <= nlist):
             index.nprobe = nprobe
-            search_s, found = timed(lambda: index.search(queries, TOP_K)[1])  # noqa: B023
+            search_s, found = search(index, queries, repeats=3)
             rows.append(
                 {
                     "nlist": nlist,
@@ -123,8 +121,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"IVF-flat, {result['rows_read']:,} key rows, kv head {result['head']}")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    save_figure(fig, path)
 
 
 def main() -> None:
