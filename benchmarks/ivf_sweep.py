@@ -4,8 +4,9 @@
 `nprobe`; this sweeps many on one trained index, as plain faiss, to show the trade-off
 behind that choice. It reads a `benchmarks/real_keys.py` folder, takes kv head `--head`'s
 chunk means (chunks of 4, as the index suite's banks) of the first `--rows` key rows and
-the 384 queries of that head's 3 query heads, builds `faiss.IndexIVFFlat` (inner product,
-trained on `ann.MAX_TRAIN_PER_LIST` means per list, seed 0) for each `--nlist`, and times
+the 384 queries of that head's 3 query heads, builds `faiss.IndexIVFFlat` as a bank does (L2
+over the lifted means of `ann.lift`, trained on `ann.MAX_TRAIN_PER_LIST` means per list,
+seed 0) for each `--nlist`, and times
 a search of all queries (top 16, median of 3 after one) at each `--nprobe`, against an
 exact flat search of the whole head and of its first 16,384 means (a 65,536-token bank).
 Writes `ivf_sweep.json` and `ivf_sweep.png` (recall@16 against time as a multiple of the
@@ -27,7 +28,7 @@ import faiss
 import numpy as np
 import torch
 
-from memory_service.ann import MAX_TRAIN_PER_LIST
+from memory_service.ann import MAX_TRAIN_PER_LIST, NORM_MARGIN, lift
 from memory_service.bench.common import CSZ, TOP_K, save_figure, timed
 from memory_service.bench.index import recall
 
@@ -65,20 +66,22 @@ def sweep(means: np.ndarray, queries: np.ndarray, nlists: list[int], nprobes: li
     exact_s, exact = search(flat(means), queries, repeats=1)
     flat_65k_s, _ = search(flat(means[: FLAT_TOKENS // CSZ]), queries, repeats=3)
     rows = []
+    norm2 = float(np.square(means).sum(1).max())
+    lifted = lift(torch.from_numpy(means), D + 1, NORM_MARGIN * norm2)  # as AnnIndex lifts
+    lifted_queries = lift(torch.from_numpy(queries), D + 1)
     for nlist in nlists:
-        quantizer = faiss.IndexFlatIP(D)
-        index = faiss.IndexIVFFlat(quantizer, D, nlist, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(D + 1), D + 1, nlist, faiss.METRIC_L2)
         sample = min(len(means), MAX_TRAIN_PER_LIST * nlist)
         pick = np.random.default_rng(0).choice(len(means), sample, replace=False)
         started = time.perf_counter()
-        index.train(means[pick])
+        index.train(lifted[pick])
         train_s = time.perf_counter() - started
         started = time.perf_counter()
-        index.add(means)
+        index.add(lifted)
         add_s = time.perf_counter() - started
         for nprobe in (p for p in nprobes if p <= nlist):
             index.nprobe = nprobe
-            search_s, found = search(index, queries, repeats=3)
+            search_s, found = search(index, lifted_queries, repeats=3)
             rows.append(
                 {
                     "nlist": nlist,

@@ -65,11 +65,11 @@ def main() -> None:
             keys[done: done + take] = rows[:take].to(torch.float16).numpy()
             done += take
             bar.update(take)
-            if queries is None:
+            if queries is None:  # saved at once: a prefix of keys.npy is usable while it grows
                 queries = layer_queries(model, bb.queries[0, s0 - w0:], n_layers)
+                np.save(out / "queries.npy", queries.to(torch.float16).numpy())
     bar.close()
     keys.flush()
-    np.save(out / "queries.npy", queries.to(torch.float16).numpy())
     print(f"wrote {done:,} key rows ({math.ceil(done / n_layers):,} tokens x {n_layers} "
           f"layers) and {N_QUERIES} queries to {out}")
 

@@ -155,13 +155,14 @@ class BankSpec:
 
     @property
     def index_bytes(self) -> int:
-        """An approximate index's bytes per chunk and head (its label and vector or code;
-        HNSW's base-layer links), once built; 0 for exact search."""
+        """An approximate index's bytes per chunk and head (its label and lifted vector, one
+        float wider than the mean (see `ann`), or code; HNSW's base-layer links), once
+        built; 0 for exact search."""
         return {
             "exact": 0,
-            "ivf_flat": 8 + 4 * self.head_dim,
+            "ivf_flat": 8 + 4 * (self.head_dim + 1),
             "ivf_pq": 8 + self.m,
-            "hnsw": 4 * self.head_dim + 8 * self.m + 8,
+            "hnsw": 4 * (self.head_dim + 1) + 8 * self.m + 8,
         }[self.index]
 
     @property

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memory_service.bank import BankSpec, DeleteInfo, dequantize, pack_int4, quantize, unpack_int4
+from memory_service.bank import (
+    BankSpec,
+    ChunkStore,
+    DeleteInfo,
+    dequantize,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
 from memory_service.client import InProcessClient
 from memory_service.engine import MemoryEngine
 from memory_service.errors import InvalidArgument, NotFound
@@ -377,6 +385,63 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(
             / e.chunk_ids.numel()
         )
         assert recall >= 0.6, recall
+
+
+def test_the_lift_turns_inner_product_search_into_l2_search():
+    """`[x, sqrt(M^2 - |x|^2)]` against `[q, 0]`: squared L2 = |q|^2 + M^2 - 2 q.x, so the
+    L2-nearest means are the top inner products (ann's module doc)."""
+    pytest.importorskip("faiss")
+    from memory_service import ann
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(300, 15, generator=g) * torch.rand(300, 1, generator=g) * 4
+    queries = torch.randn(20, 15, generator=g)
+    spec = BankSpec(kv_heads=1, head_dim=15, index="ivf_pq", nlist=8, nprobe=4, m=5)
+    dim = ann.AnnIndex(spec, slots=300).dim
+    M2 = 2 * float(means.square().sum(1).max())
+    x, q = torch.from_numpy(ann.lift(means, dim, M2)), torch.from_numpy(ann.lift(queries, dim))
+    assert x.shape == (300, 20) and q.shape == (20, 20)  # 15 + 1, padded to a multiple of m
+    l2 = torch.cdist(q.double(), x.double()).square()
+    ip = queries.double() @ means.double().T
+    expect = queries.double().square().sum(1, keepdim=True) + M2 - 2 * ip
+    torch.testing.assert_close(l2, expect, rtol=1e-5, atol=1e-3)
+    assert torch.equal(l2.topk(16, largest=False).indices, ip.topk(16).indices)
+
+
+def test_a_growing_index_is_trained_again_and_searched_without_a_selector(monkeypatch):
+    """Trained at the build threshold and again from scratch at `RETRAIN_GROWTH` times
+    that; faiss gets a label bitmap only while some label is excluded; scores stay exact."""
+    pytest.importorskip("faiss")
+    from memory_service import ann
+
+    builds = []
+    build = ann.AnnIndex._build
+    monkeypatch.setattr(
+        ann.AnnIndex,
+        "_build",
+        lambda self, means, used, train: builds.append((used, train))
+        or build(self, means, used, train),
+    )
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1600, 1, 1, 16, generator=g)  # (C, csz, H, D)
+    queries = torch.randn(30, 2, 16, generator=g)  # (n, Hq, D)
+    spec = dict(kv_heads=1, head_dim=16, chunk_size=1, capacity_tokens=4096)
+    exact = ChunkStore(BankSpec(**spec))
+    approx = ChunkStore(BankSpec(**spec, index="ivf_flat", nlist=8, nprobe=4))  # built at 312
+    for part in torch.split(torch.arange(1600), 400):
+        for store in (exact, approx):
+            store.add(part, keys[part], keys[part], oldest_live_id=0)
+    assert builds == [(400, True), (1600, True)]  # 1600 = 4 x 400: trained again
+    assert approx.ann.allowed(approx.live[: approx.used]) is None
+    (scores, ids), (_, exact_ids) = approx.search(queries, 16), exact.search(queries, 16)
+    ref = torch.einsum("qhd,qhkd->qhk", queries, keys[ids, 0, 0])
+    torch.testing.assert_close(scores, ref, rtol=1e-5, atol=1e-5)  # exact scores
+    pairs = zip(ids.view(-1, 16), exact_ids.view(-1, 16), strict=True)
+    assert sum(len(set(x.tolist()) & set(y.tolist())) for x, y in pairs) / ids.numel() >= 0.6
+    approx.evict_below(100)  # the first 100 chunks go: their labels are excluded
+    allowed = approx.ann.allowed(approx.live[: approx.used])
+    assert allowed is not None and (~allowed).sum() == 100
+    assert int(approx.search(queries, 16)[1].min()) >= 100
 
 
 def test_approximate_index_specs():
