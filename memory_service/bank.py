@@ -52,9 +52,13 @@ MAX_CAPACITY_TOKENS = 1 << 36
 MAX_NLIST, MAX_M, MAX_EF_SEARCH = 1 << 16, 256, MAX_TOP_K  # approximate index parameters
 MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
-SEARCH_BLOCK_SCORES = 1 << 25  # score-matrix entries computed at once (128 MiB of float32)
 SEARCH_MIN_SLOTS = 4096  # slots per score block: a multiple of this (an odd width ran 1.7x slower)
-SEARCH_MIN_ROWS = 512  # query rows per score block, at least, when the bank is wide
+# Per device type: score-matrix entries computed at once, and the fewest query rows a block
+# has when the bank is wide. On the CPU an 8 MiB block is reused by the allocator, while a
+# larger one is a fresh mapping whose page faults cost as much as the product (65,536
+# tokens, 512 queries x 9 heads: 251 ms in 8 MiB blocks, 498 ms in 128 MiB ones). CUDA's
+# caching allocator has no such cost, and larger blocks launch fewer kernels.
+SEARCH_BLOCKS = {"cpu": (1 << 21, 32), "cuda": (1 << 25, 512)}
 
 
 @dataclass(frozen=True)
@@ -663,16 +667,16 @@ class ChunkStore:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-k live slots for queries `(H, R, D)`: scores `(H, R, top_k)` (-inf where
         fewer exist) and slots (-1 there), best first. Scores are computed in blocks of query
-        rows and slots of at most `SEARCH_BLOCK_SCORES` entries, each block's top-k merged
-        into the running one. A block spans every slot when `SEARCH_MIN_ROWS` rows of them fit
-        (one top-k per row block: a fifth less time at 65k tokens), else the widest multiple of
-        `SEARCH_MIN_SLOTS` that does, so a row block reads the means once however large the
-        bank."""
+        rows and slots of at most `SEARCH_BLOCKS`' entries, each block's top-k merged into
+        the running one. A block spans every slot when its fewest rows of them fit (one top-k
+        per row block), else the widest multiple of `SEARCH_MIN_SLOTS` that does, so a row
+        block reads the means once however large the bank."""
         H, R, _ = q.shape
-        wide = SEARCH_BLOCK_SCORES // (H * min(R, SEARCH_MIN_ROWS))
+        entries, min_rows = SEARCH_BLOCKS[self.means.device.type]
+        wide = entries // (H * min(R, min_rows))
         cols = min(-(-live.shape[0] // SEARCH_MIN_SLOTS), max(1, wide // SEARCH_MIN_SLOTS))
         cols *= SEARCH_MIN_SLOTS
-        rows = max(1, SEARCH_BLOCK_SCORES // (H * cols))
+        rows = max(1, entries // (H * cols))
         dead = not bool(live.all())
         means = self.means[:, : live.shape[0]]  # (H, S, D) the written slots
         scores = torch.full((H, R, top_k), -math.inf, device=self.device)

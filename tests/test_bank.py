@@ -250,7 +250,7 @@ def test_search_in_blocks_equals_one_block(monkeypatch):
     queries = torch.randn(1, 13, 4, 8)
     whole = client.search(["b"], queries, 16)
     monkeypatch.setattr(bank, "SEARCH_MIN_SLOTS", 8)
-    monkeypatch.setattr(bank, "SEARCH_BLOCK_SCORES", 2 * 5 * 8)  # 5 rows x 8 slots a block
+    monkeypatch.setitem(bank.SEARCH_BLOCKS, "cpu", (2 * 5 * 8, 32))  # 5 rows x 8 slots a block
     blocks = client.search(["b"], queries, 16)
     assert torch.equal(blocks.chunk_ids, whole.chunk_ids) and whole.valid.all()
     torch.testing.assert_close(blocks.scores, whole.scores, rtol=1e-6, atol=1e-6)  # BLAS order
