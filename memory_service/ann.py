@@ -154,6 +154,9 @@ class AnnIndex:
     def allowed(self, live: torch.Tensor) -> np.ndarray | None:
         """Per label: is it its slot's current label, and is that slot live? None when every
         label is (then faiss searches without a selector)."""
+        stale = len(self.label_slot) > int((self.slot_label >= 0).sum())
+        if not stale and bool(live.all()):  # cheap: no per-label arrays for the common case
+            return None
         current = self.slot_label[self.label_slot] == np.arange(len(self.label_slot))
         allowed = current & live.cpu().numpy()[self.label_slot]
         return None if allowed.all() else allowed
