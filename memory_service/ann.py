@@ -74,7 +74,8 @@ def lift(x: torch.Tensor, dim: int, max_norm2: float | None = None) -> np.ndarra
     lifted = torch.zeros(len(x), dim)
     lifted[:, : x.shape[1]] = x
     if max_norm2 is not None:
-        lifted[:, x.shape[1]] = (float(max_norm2) - x.square().sum(1)).clamp(min=0).sqrt()
+        norm2 = torch.linalg.vector_norm(x, dim=1).square()
+        lifted[:, x.shape[1]] = (float(max_norm2) - norm2).clamp(min=0).sqrt()
     return lifted.numpy()
 
 
@@ -132,8 +133,8 @@ class AnnIndex:
         if train:
             self.trained_on = used
             self.indexes = [self._new_index() for _ in range(H)]
-            norm2 = means[:, :used].float().square().sum(-1).amax(-1)  # (H,)
-            self.max_norm2 = NORM_MARGIN * norm2.cpu().numpy()
+            norms = torch.linalg.vector_norm(means[:, :used], dim=-1, dtype=torch.float32)
+            self.max_norm2 = NORM_MARGIN * norms.amax(-1).square().cpu().numpy()  # (H,)
             if self.spec.index != "hnsw":
                 n = min(used, max(MAX_TRAIN_PER_LIST * self.spec.nlist, self.min_chunks))
                 pick = torch.randperm(used, generator=torch.Generator().manual_seed(0))[:n]
