@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 import torch
 
-from memory_service.ann import MAX_TRAIN_PER_LIST, NORM_MARGIN, lift
+from memory_service.ann import MAX_TRAIN_PER_LIST, lift, lift_norm2
 from memory_service.bench.common import CSZ, TOP_K, save_figure, timed
 from memory_service.bench.index import recall
 
@@ -66,8 +66,8 @@ def sweep(means: np.ndarray, queries: np.ndarray, nlists: list[int], nprobes: li
     exact_s, exact = search(flat(means), queries, repeats=1)
     flat_65k_s, _ = search(flat(means[: FLAT_TOKENS // CSZ]), queries, repeats=3)
     rows = []
-    norm2 = float(np.square(means).sum(1).max())
-    lifted = lift(torch.from_numpy(means), D + 1, NORM_MARGIN * norm2)  # as AnnIndex lifts
+    x = torch.from_numpy(means)
+    lifted = lift(x, D + 1, float(lift_norm2(x)))  # as AnnIndex lifts
     lifted_queries = lift(torch.from_numpy(queries), D + 1)
     for nlist in nlists:
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(D + 1), D + 1, nlist, faiss.METRIC_L2)

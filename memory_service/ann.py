@@ -22,7 +22,7 @@ Vectors are labelled in insertion order and `label_slot` maps a label to the slo
 added for. Removal is the same for every kind: a slot that is overwritten (FIFO, LRA) gets
 a new label and its old one goes stale; stale labels, and those of deleted, evicted or
 not-yet-committed chunks, are excluded during the faiss search by an `IDSelectorBitmap`
-(passed only when some label is excluded: it slows the scan by a third or more), so they
+(passed only when some label is excluded: it slows the scan by 30-60%), so they
 never take a place in the top-k. When stale labels outnumber the slots, the index is
 rebuilt from the current means (IVF keeps its training). The candidates faiss returns are
 rescored exactly from the float32 means (IVF-PQ fetches `PQ_REFINE` times `top_k` of them
@@ -65,6 +65,13 @@ def faiss_module() -> Any:
             "approximate indexes need faiss on the memory service: pip install 'longmem[ann]'"
         ) from None
     return faiss
+
+
+def lift_norm2(means: torch.Tensor) -> torch.Tensor:
+    """`M^2` of the lift for means `(..., n, D)`: `NORM_MARGIN` times their largest squared
+    norm, `(...)`."""
+    norms = torch.linalg.vector_norm(means, dim=-1, dtype=torch.float32)
+    return NORM_MARGIN * norms.amax(-1).square()
 
 
 def lift(x: torch.Tensor, dim: int, max_norm2: float | None = None) -> np.ndarray:
@@ -133,8 +140,7 @@ class AnnIndex:
         if train:
             self.trained_on = used
             self.indexes = [self._new_index() for _ in range(H)]
-            norms = torch.linalg.vector_norm(means[:, :used], dim=-1, dtype=torch.float32)
-            self.max_norm2 = NORM_MARGIN * norms.amax(-1).square().cpu().numpy()  # (H,)
+            self.max_norm2 = lift_norm2(means[:, :used]).cpu().numpy()  # (H,)
             if self.spec.index != "hnsw":
                 n = min(used, max(MAX_TRAIN_PER_LIST * self.spec.nlist, self.min_chunks))
                 pick = torch.randperm(used, generator=torch.Generator().manual_seed(0))[:n]
@@ -156,13 +162,13 @@ class AnnIndex:
 
     def allowed(self, live: torch.Tensor) -> np.ndarray | None:
         """Per label: is it its slot's current label, and is that slot live? None when every
-        label is (then faiss searches without a selector)."""
+        label is: no label is stale and every slot is live (then faiss searches without a
+        selector, and no per-label array is made)."""
         stale = len(self.label_slot) > int((self.slot_label >= 0).sum())
-        if not stale and bool(live.all()):  # cheap: no per-label arrays for the common case
+        if not stale and bool(live.all()):
             return None
         current = self.slot_label[self.label_slot] == np.arange(len(self.label_slot))
-        allowed = current & live.cpu().numpy()[self.label_slot]
-        return None if allowed.all() else allowed
+        return current & live.cpu().numpy()[self.label_slot]
 
     def search(
         self, queries: torch.Tensor, means: torch.Tensor, live: torch.Tensor, top_k: int
