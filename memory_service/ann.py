@@ -6,28 +6,38 @@ the store has `min_chunks` written slots it searches exactly; then the index is 
 the written slots have grown `RETRAIN_GROWTH` times since the last training, the index is
 built again from scratch, so a growing bank's lists follow what it holds now.
 
-Search is by inner product (attention scores), but faiss indexes it as a nearest-neighbour
-search in L2 after lifting every mean `x` to `[x, sqrt(M^2 - |x|^2)]` and every query `q` to
-`[q, 0]`: then `|q' - x'|^2 = |q|^2 + M^2 - 2 q.x`, so the nearest lifted means are the
-highest-scoring ones. k-means on the lifted means clusters them by where they are, not only
-by direction (which is all inner-product clustering sees), and HNSW's graph gets a metric.
-On SmolLM2's keys (1,048,576 rows, kv head 2, plain faiss) recall@16 rises: IVF-flat (nprobe
-64 of 1024; head 1 alike) from 0.93 to 0.95, IVF-PQ (the same, `PQ_REFINE` 16) from 0.73 to 0.86
-with m 16 and from 0.89 to 0.93 with m 32, HNSW (m 16, ef_search 64) from 0.16 to 0.39. `M^2` is
+Search is by inner product (attention scores), but faiss clusters and links the means in L2
+after lifting every mean `x` to `[x, sqrt(M^2 - |x|^2)]` and every query `q` to `[q, 0]`:
+then `|q' - x'|^2 = |q|^2 + M^2 - 2 q.x`, so the nearest lifted means are the highest-scoring
+ones. k-means on the lifted means clusters them by where they are, not only by direction
+(which is all inner-product clustering sees), and HNSW's graph gets a metric. On SmolLM2's
+keys (1,048,576 rows, kv head 2, plain faiss) recall@16 rises: IVF-flat (nprobe 64 of 1024;
+head 1 alike) from 0.93 to 0.95, HNSW (m 16, ef_search 64) from 0.16 to 0.39. `M^2` is
 `NORM_MARGIN` times the largest squared norm when the index is built; a later mean that is
 longer gets 0 as its last coordinate (its candidates may be missed, never mis-scored).
-IVF-PQ pads the lifted vectors with zeros to a multiple of `m`.
+
+IVF-PQ is faiss' fast scan: 4-bit codes for `m` sub-vectors of each mean's residual to its
+list centroid, scanned with SIMD table lookups (at 16M tokens, 4-5x faster than IVF-flat at
+the same nprobe). Its lists are the lifted L2 lists above, but it scores by inner product:
+the lift coordinate gets a sub-vector of its own, which a query's 0 there leaves out, so
+codes spend nothing on it. Keys have a few dimensions where queries and keys are both large;
+4-bit codes there lost most of the recall (kv head 2 at 16M tokens: 0.69), so the means
+and queries are first turned by a fixed random rotation (`q.x = qR.xR`), which spreads them
+over all dimensions (0.95). faiss' fast scan takes no label selector and would rank lists
+by L2 distances as if they were inner products, so the shard picks each query's lists
+itself (`nprobe` nearest centroids in L2, their inner products as the lists' base scores).
 
 Vectors are labelled in insertion order and `label_slot` maps a label to the slot it was
 added for. Removal is the same for every kind: a slot that is overwritten (FIFO, LRA) gets
 a new label and its old one goes stale; stale labels, and those of deleted, evicted or
-not-yet-committed chunks, are excluded during the faiss search by an `IDSelectorBitmap`
-(passed only when some label is excluded: it slows the scan by 30-60%), so they
-never take a place in the top-k. When stale labels outnumber the slots, the index is
-rebuilt from the current means (IVF keeps its training). The candidates faiss returns are
-rescored exactly from the float32 means (IVF-PQ fetches `PQ_REFINE` times `top_k` of them
-first), in blocks of queries, so scores are exact inner products and only recall is
-approximate.
+not-yet-committed chunks, are excluded: inside the faiss search by an `IDSelectorBitmap`
+(IVF-flat and HNSW; passed only when some label is excluded: it slows the scan by
+30-60%), from IVF-PQ's candidates before they are rescored. Either way they never take a
+place in the top-k (in IVF-PQ they can take candidate places). When stale labels
+outnumber the slots, the index is rebuilt from the current means (IVF keeps its
+training). The candidates faiss returns are rescored exactly from the float32 means
+(IVF-PQ fetches `PQ_REFINE` times `top_k` of them first), in blocks of queries, so scores
+are exact inner products and only recall is approximate.
 
 faiss is imported on first use: `pip install 'longmem[ann]'` (faiss-cpu).
 """
@@ -45,10 +55,12 @@ from memory_service.errors import FailedPrecondition
 if TYPE_CHECKING:
     from memory_service.bank import BankSpec
 
-# IVF-PQ: candidates per wanted chunk, rescored exactly. On SmolLM2's keys (1M tokens, nlist
-# 1024, nprobe 64, m 16, clustered by inner product before the lift) recall@16 was 0.50 at 4,
-# 0.77 at 16 and 0.92 at 64; IVF-flat 0.97.
+# IVF-PQ: candidates per wanted chunk, rescored exactly. On SmolLM2's keys (16M tokens, kv
+# head 2, nlist 8192, nprobe 256, m 64) recall@16 was 0.946 at 16, 0.955 at 32 and 0.961 at
+# 64 (IVF-flat: 0.961), searching in 0.18, 0.30 and 0.38 s (IVF-flat: 0.74 s).
 PQ_REFINE = 16
+PQ_BITS = 4  # fast scan's code width
+ROTATION_SEED = 0
 RESCORE_BYTES = 64 << 20  # candidate vectors gathered at once while rescoring
 HNSW_MIN_CHUNKS = 4096  # below this, exact search is as fast
 MAX_TRAIN_PER_LIST = 64  # IVF training sample: at most this many means per list
@@ -86,6 +98,12 @@ def lift(x: torch.Tensor, dim: int, max_norm2: float | None = None) -> np.ndarra
     return lifted.numpy()
 
 
+def random_rotation(dim: int) -> torch.Tensor:
+    """A fixed random orthogonal `(dim, dim)` matrix (seed `ROTATION_SEED`)."""
+    g = torch.Generator().manual_seed(ROTATION_SEED)
+    return torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+
+
 class AnnIndex:
     """One faiss index per kv head over a store's `(H, S, D)` means (see the module doc)."""
 
@@ -95,18 +113,18 @@ class AnnIndex:
         self.indexes: list[Any] | None = None  # None: not built yet, search exactly
         self.trained_on = 0  # written slots at the last build from scratch
         self.max_norm2 = np.zeros(spec.kv_heads, dtype=np.float32)  # M^2 per head
-        pad = -(spec.head_dim + 1) % spec.m if spec.index == "ivf_pq" else 0
-        self.dim = spec.head_dim + 1 + pad  # lifted vectors' width
+        self.pq = spec.index == "ivf_pq"
+        # lifted vectors' width: IVF-PQ gives the lift coordinate a sub-vector of its own
+        self.dim = spec.head_dim + (spec.head_dim // spec.m if self.pq else 1)
+        self.rotation = random_rotation(spec.head_dim) if self.pq else None  # (D, D)
+        self.centroids: list[torch.Tensor] = []  # IVF-PQ: per head (nlist, dim), lifted
         self.label_slot = np.empty(0, dtype=np.int64)  # label -> slot
         self.slot_label = np.full(slots, -1, dtype=np.int64)  # slot -> its current label
 
     @property
     def min_chunks(self) -> int:
-        """Written slots needed before the index is built (IVF: 39 training means per list,
-        and per PQ centroid)."""
-        if self.spec.index == "hnsw":
-            return HNSW_MIN_CHUNKS
-        return 39 * max(self.spec.nlist, 256 if self.spec.index == "ivf_pq" else 0)
+        """Written slots needed before the index is built (IVF: 39 training means per list)."""
+        return HNSW_MIN_CHUNKS if self.spec.index == "hnsw" else 39 * self.spec.nlist
 
     @property
     def ready(self) -> bool:
@@ -121,7 +139,18 @@ class AnnIndex:
         quantizer = f.IndexFlatL2(d)
         if spec.index == "ivf_flat":
             return f.IndexIVFFlat(quantizer, d, spec.nlist, f.METRIC_L2)
-        return f.IndexIVFPQ(quantizer, d, spec.nlist, spec.m, 8, f.METRIC_L2)
+        index = f.IndexIVFPQFastScan(
+            quantizer, d, spec.nlist, spec.m + 1, PQ_BITS, f.METRIC_INNER_PRODUCT
+        )
+        index.cp.spherical = False  # k-means in L2 on the lifted means, as IVF-flat
+        index.nprobe = spec.nprobe
+        return index
+
+    def _lift(self, x: torch.Tensor, max_norm2: float | None = None) -> np.ndarray:
+        """`lift`, after IVF-PQ's rotation."""
+        if self.rotation is not None:
+            x = x.float().cpu() @ self.rotation
+        return lift(x, self.dim, max_norm2)
 
     def update(self, means: torch.Tensor, used: int, slots: torch.Tensor) -> None:
         """After slots `slots` of `means` `(H, S, D)` were written (`used` written in all):
@@ -145,7 +174,12 @@ class AnnIndex:
                 n = min(used, max(MAX_TRAIN_PER_LIST * self.spec.nlist, self.min_chunks))
                 pick = torch.randperm(used, generator=torch.Generator().manual_seed(0))[:n]
                 for h, index in enumerate(self.indexes):
-                    index.train(lift(means[h, pick], self.dim, self.max_norm2[h]))
+                    index.train(self._lift(means[h, pick], self.max_norm2[h]))
+            if self.pq:
+                self.centroids = [
+                    torch.from_numpy(index.quantizer.reconstruct_n(0, self.spec.nlist))
+                    for index in self.indexes
+                ]
         else:
             for index in self.indexes:
                 index.reset()  # IVF keeps its training; HNSW has none
@@ -158,7 +192,7 @@ class AnnIndex:
         self.label_slot = np.concatenate([self.label_slot, slots])
         self.slot_label[slots] = np.arange(first, first + len(slots))
         for h, index in enumerate(self.indexes):
-            index.add(lift(means[h, torch.from_numpy(slots)], self.dim, self.max_norm2[h]))
+            index.add(self._lift(means[h, torch.from_numpy(slots)], self.max_norm2[h]))
 
     def allowed(self, live: torch.Tensor) -> np.ndarray | None:
         """Per label: is it its slot's current label, and is that slot live? None when every
@@ -170,26 +204,39 @@ class AnnIndex:
         current = self.slot_label[self.label_slot] == np.arange(len(self.label_slot))
         return current & live.cpu().numpy()[self.label_slot]
 
+    def _search_head(self, h: int, queries: torch.Tensor, fetch: int, selector: Any) -> np.ndarray:
+        """Labels `(b, fetch)` (-1 where fewer were found) for kv head `h`'s queries `(b, D)`."""
+        f, spec, index = self.faiss, self.spec, self.indexes[h]
+        lifted = self._lift(queries)  # (b, dim)
+        if self.pq:  # the lists nearest in L2, |c|^2 - 2 q.c; their scores q.c
+            c = self.centroids[h]  # (nlist, dim)
+            ip = torch.from_numpy(lifted) @ c.T  # (b, nlist)
+            lists = (c.square().sum(1) - 2 * ip).topk(spec.nprobe, largest=False).indices
+            base = ip.gather(1, lists)  # (b, nprobe)
+            return index.search_preassigned(lifted, fetch, lists.numpy(), base.numpy())[1]
+        if spec.index == "hnsw":
+            params = f.SearchParametersHNSW(sel=selector, efSearch=max(spec.ef_search, fetch))
+        else:
+            params = f.SearchParametersIVF(sel=selector, nprobe=spec.nprobe)
+        return index.search(lifted, fetch, params=params)[1]
+
     def search(
         self, queries: torch.Tensor, means: torch.Tensor, live: torch.Tensor, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k live slots for queries `(H, b, D)` float32: exact scores `(H, b, k)` (-inf
         where fewer were found) and slots `(H, b, k)` (-1 there), best first."""
-        f, spec = self.faiss, self.spec
         H, b, D = queries.shape
         allowed, selector = self.allowed(live), None
-        if allowed is not None:
+        if allowed is not None and not self.pq:
             bitmap = np.packbits(allowed, bitorder="little")
-            selector = f.IDSelectorBitmap(len(allowed), f.swig_ptr(bitmap))
-        if spec.index == "hnsw":
-            params = f.SearchParametersHNSW(sel=selector, efSearch=max(spec.ef_search, top_k))
-        else:
-            params = f.SearchParametersIVF(sel=selector, nprobe=spec.nprobe)
-        fetch = top_k * (PQ_REFINE if spec.index == "ivf_pq" else 1)
+            selector = self.faiss.IDSelectorBitmap(len(allowed), self.faiss.swig_ptr(bitmap))
+        fetch = top_k * (PQ_REFINE if self.pq else 1)
         slots = torch.full((H, b, fetch), -1, dtype=torch.int64)
-        for h, index in enumerate(self.indexes):
-            _, labels = index.search(lift(queries[h], self.dim), fetch, params=params)
+        for h in range(H):
+            labels = self._search_head(h, queries[h], fetch, selector)
             found = labels >= 0
+            if allowed is not None:  # IVF-PQ's excluded candidates go here
+                found &= allowed[labels.clip(min=0)]
             slots[h][torch.from_numpy(found)] = torch.from_numpy(self.label_slot[labels[found]])
         heads = torch.arange(H, device=means.device)[:, None, None]
         scores, best = [], []

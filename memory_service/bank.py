@@ -75,7 +75,7 @@ class BankSpec:
     eviction: str = "fifo"
     nlist: int = 1024  # IVF: inverted lists
     nprobe: int = 32  # IVF: lists searched per query
-    m: int = 16  # IVF-PQ: sub-quantizers (bytes per code); HNSW: neighbours per node
+    m: int = 16  # IVF-PQ: 4-bit sub-quantizers (head_dim: best recall); HNSW: neighbours per node
     ef_search: int = 64  # HNSW: candidate list length while searching
 
     def __post_init__(self) -> None:
@@ -160,12 +160,12 @@ class BankSpec:
     @property
     def index_bytes(self) -> int:
         """An approximate index's bytes per chunk and head (its label and lifted vector, one
-        float wider than the mean (see `ann`), or code; HNSW's base-layer links), once
-        built; 0 for exact search."""
+        float wider than the mean (see `ann`), or its `m + 1` 4-bit codes, padded to whole
+        bytes; HNSW's base-layer links), once built; 0 for exact search."""
         return {
             "exact": 0,
             "ivf_flat": 8 + 4 * (self.head_dim + 1),
-            "ivf_pq": 8 + self.m,
+            "ivf_pq": 8 + (self.m + 2) // 2,
             "hnsw": 4 * (self.head_dim + 1) + 8 * self.m + 8,
         }[self.index]
 

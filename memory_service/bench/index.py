@@ -12,7 +12,7 @@ token. Keys and queries are Gaussian (no cluster structure: the hard case for IV
 (`keys.npy`, (N, 3, 64)) and retrieval queries (`queries.npy`, (128, 9, 64)).
 
 IVF uses `nlist = min(max_nlist, chunks // 64)` (`max_nlist` 1024 unless told) and
-`nprobe = nlist // nprobe_div`; HNSW `m` 16 and
+`nprobe = nlist // nprobe_div`, IVF-PQ `m` 64 (one 4-bit code per dimension); HNSW `m` 16 and
 `ef_search` 64. Writes `index_scaling.json`, `search_latency.png`, `recall.png` and
 `generation_step.png` to the output folder (the plots need matplotlib: `pip install -e '.[bench]'`).
 """
@@ -43,7 +43,7 @@ def index_params(kind: str, tokens: int, nprobe_div: int, max_nlist: int = 1024)
         return {"m": 16, "ef_search": 64}
     nlist = max(1, min(max_nlist, tokens // CSZ // 64))
     params = {"nlist": nlist, "nprobe": max(1, nlist // nprobe_div)}
-    return params | ({"m": 16} if kind == "ivf_pq" else {})
+    return params | ({"m": D} if kind == "ivf_pq" else {})  # a 4-bit code per dimension
 
 
 class Keys:
