@@ -17,7 +17,7 @@ head 1 alike) from 0.93 to 0.95, HNSW (m 16, ef_search 64) from 0.16 to 0.39. `M
 longer gets 0 as its last coordinate (its candidates may be missed, never mis-scored).
 
 IVF-PQ is faiss' fast scan: 4-bit codes for `m` sub-vectors of each mean's residual to its
-list centroid, scanned with SIMD table lookups (at 16M tokens, 4-5x faster than IVF-flat at
+list centroid, scanned with SIMD table lookups (at 16M tokens, 3.5-4x faster than IVF-flat at
 the same nprobe). Its lists are the lifted L2 lists above, but it scores by inner product:
 the lift coordinate gets a sub-vector of its own, which a query's 0 there leaves out, so
 codes spend nothing on it. Keys have a few dimensions where queries and keys are both large;

@@ -97,19 +97,22 @@ def test_index_suite_on_keys_from_a_folder(tmp_path):
 
 
 def test_ivf_sweep_on_keys_from_a_folder(tmp_path, monkeypatch):
-    """benchmarks/ivf_sweep.py: probing every list finds the exact top 16, fewer lists find
-    less, and the JSON and plot are written."""
+    """benchmarks/ivf_sweep.py: with IVF-flat, probing every list finds the exact top 16 and
+    fewer lists find less; IVF-PQ finds more with more lists; the JSON and plot are written."""
     from benchmarks import ivf_sweep
 
     keys = write_keys(tmp_path / "keys", 8192)
-    argv = ["ivf_sweep.py", "--keys", str(keys), "--head", "1", "--nlist", "16",
-            "--nprobe", "1,16,32", "--threads", "1", "--out", str(tmp_path / "out")]
+    argv = ["ivf_sweep.py", "--keys", str(keys), "--head", "1", "--kinds", "ivf_flat,ivf_pq",
+            "--nlist", "16", "--nprobe", "1,16,32", "--threads", "1",
+            "--out", str(tmp_path / "out")]
     monkeypatch.setattr("sys.argv", argv)
     ivf_sweep.main()
     result = json.loads((tmp_path / "out" / "ivf_sweep.json").read_text())
-    rows = {r["nprobe"]: r for r in result["rows"]}
-    assert sorted(rows) == [1, 16]  # nprobe 32 > nlist 16 is skipped
-    assert rows[16]["recall_at_16"] == 1.0 and rows[1]["recall_at_16"] < 1.0
+    flat = {r["nprobe"]: r for r in result["rows"] if r["index"] == "ivf_flat"}
+    pq = {r["nprobe"]: r for r in result["rows"] if r["index"] == "ivf_pq"}
+    assert sorted(flat) == sorted(pq) == [1, 16]  # nprobe 32 > nlist 16 is skipped
+    assert flat[16]["recall_at_16"] == 1.0 and flat[1]["recall_at_16"] < 1.0
+    assert pq[16]["recall_at_16"] > pq[1]["recall_at_16"]
     assert result["rows_read"] == 8192 and result["head"] == 1
     assert (tmp_path / "out" / "ivf_sweep.png").stat().st_size > 0
 
