@@ -50,6 +50,7 @@ MAX_HEAD_DIM = 4096
 MAX_CHUNK_SIZE = 1024
 MAX_CAPACITY_TOKENS = 1 << 36
 MAX_NLIST, MAX_M, MAX_EF_SEARCH = 1 << 16, 256, MAX_TOP_K  # approximate index parameters
+HNSW_M = 16  # HNSW's default neighbours per node
 MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_MIN_SLOTS = 4096  # slots per score block: a multiple of this (an odd width ran 1.7x slower)
@@ -75,10 +76,14 @@ class BankSpec:
     eviction: str = "fifo"
     nlist: int = 1024  # IVF: inverted lists
     nprobe: int = 32  # IVF: lists searched per query
-    m: int = 16  # IVF-PQ: 4-bit sub-quantizers (head_dim: best recall); HNSW: neighbours per node
+    # IVF-PQ: 4-bit sub-quantizers (default head_dim: a code per dimension); HNSW: neighbours
+    # per node (default `HNSW_M`)
+    m: int | None = None
     ef_search: int = 64  # HNSW: candidate list length while searching
 
     def __post_init__(self) -> None:
+        if self.m is None:  # the kind's default (frozen: set once, here)
+            object.__setattr__(self, "m", self.head_dim if self.index == "ivf_pq" else HNSW_M)
         for name, value, limit in (
             ("kv_heads", self.kv_heads, MAX_HEADS),
             ("head_dim", self.head_dim, MAX_HEAD_DIM),
@@ -86,7 +91,7 @@ class BankSpec:
             ("capacity_tokens", self.capacity_tokens, MAX_CAPACITY_TOKENS),
             ("nlist", self.nlist, MAX_NLIST),
             ("nprobe", self.nprobe, self.nlist),
-            ("m", self.m, MAX_M),
+            ("m", self.m, MAX_HEAD_DIM if self.index == "ivf_pq" else MAX_M),
             ("ef_search", self.ef_search, MAX_EF_SEARCH),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= limit:

@@ -466,8 +466,9 @@ def test_a_growing_index_is_trained_again_and_searched_without_a_selector(monkey
 def test_approximate_index_specs():
     with pytest.raises(InvalidArgument, match="ivf_pq needs m"):
         BankSpec(kv_heads=1, head_dim=12, index="ivf_pq", m=8)
-    spec = BankSpec(kv_heads=3, head_dim=64, index="ivf_pq")  # label + 17 4-bit codes per head
-    assert spec.bytes_per_token == 960 + 3 * (8 + 9) / 4
+    spec = BankSpec(kv_heads=3, head_dim=64, index="ivf_pq")  # m 64: label + 65 4-bit codes
+    assert spec.m == 64 and spec.bytes_per_token == 960 + 3 * (8 + 33) / 4
+    assert BankSpec(kv_heads=3, head_dim=64, index="hnsw").m == 16
 
 
 def test_quantized_logs_replay_the_stored_form(tmp_path):
