@@ -120,6 +120,7 @@ class AnnIndex:
         self.centroids: list[torch.Tensor] = []  # IVF-PQ: per head (nlist, dim), lifted
         self.label_slot = np.empty(0, dtype=np.int64)  # label -> slot
         self.slot_label = np.full(slots, -1, dtype=np.int64)  # slot -> its current label
+        self.current = np.empty(0, dtype=bool)  # label -> is it its slot's current label
 
     @property
     def min_chunks(self) -> int:
@@ -184,25 +185,29 @@ class AnnIndex:
             for index in self.indexes:
                 index.reset()  # IVF keeps its training; HNSW has none
         self.label_slot = np.empty(0, dtype=np.int64)
+        self.current = np.empty(0, dtype=bool)
         self.slot_label[:] = -1
         self._add(means, np.arange(used, dtype=np.int64))
 
     def _add(self, means: torch.Tensor, slots: np.ndarray) -> None:
         first = len(self.label_slot)
+        old = self.slot_label[slots]
+        self.current[old[old >= 0]] = False  # the slots' earlier labels go stale
+        labels = np.arange(first, first + len(slots))
+        self.slot_label[slots] = labels
         self.label_slot = np.concatenate([self.label_slot, slots])
-        self.slot_label[slots] = np.arange(first, first + len(slots))
+        self.current = np.concatenate([self.current, self.slot_label[slots] == labels])
         for h, index in enumerate(self.indexes):
             index.add(self._lift(means[h, torch.from_numpy(slots)], self.max_norm2[h]))
 
     def allowed(self, live: torch.Tensor) -> np.ndarray | None:
         """Per label: is it its slot's current label, and is that slot live? None when every
         label is: no label is stale and every slot is live (then faiss searches without a
-        selector, and no per-label array is made)."""
-        stale = len(self.label_slot) > int((self.slot_label >= 0).sum())
-        if not stale and bool(live.all()):
-            return None
-        current = self.slot_label[self.label_slot] == np.arange(len(self.label_slot))
-        return current & live.cpu().numpy()[self.label_slot]
+        selector). `current` itself, kept up to date by `_add`, when every slot is live."""
+        live = live.cpu().numpy()
+        if live.all():  # a full FIFO bank's common case: only stale labels are excluded
+            return None if self.current.all() else self.current
+        return self.current & live[self.label_slot]
 
     def _search_head(self, h: int, queries: torch.Tensor, fetch: int, selector: Any) -> np.ndarray:
         """Labels `(b, fetch)` (-1 where fewer were found) for kv head `h`'s queries `(b, D)`."""

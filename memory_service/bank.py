@@ -55,11 +55,15 @@ MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_MIN_SLOTS = 4096  # slots per score block: a multiple of this (an odd width ran 1.7x slower)
 # Per device type: score-matrix entries computed at once, and the fewest query rows a block
-# has when the bank is wide. On the CPU an 8 MiB block is reused by the allocator, while a
-# larger one is a fresh mapping whose page faults cost as much as the product (65,536
-# tokens, 512 queries x 9 heads: 251 ms in 8 MiB blocks, 498 ms in 128 MiB ones). CUDA's
-# caching allocator has no such cost, and larger blocks launch fewer kernels.
-SEARCH_BLOCKS = {"cpu": (1 << 21, 32), "cuda": (1 << 25, 512)}
+# has when the bank is wide. On the CPU a 128 MiB block is a fresh mapping whose page faults
+# cost as much as the product (65,536 tokens x 512 queries: 498 ms against 251 in 8 MiB
+# blocks), and each block of rows reads the bank's means again, which costs a large bank more
+# than small blocks save. Whole searches (2 threads, Gaussian keys, ms; 2^21 / 32, 2^22 / 64,
+# 2^23 / 128): 65,536 tokens x 512 queries 245 / 222 / 274, x 128 69 / 60 / 57; 1,048,576 x
+# 128 967 / 776 / 714; 8,388,608 x 128 7,204 / 6,039 / 5,657; 33,554,432 x 128 (int4) 27,880
+# at 2^21 / 32, 22,200 at 2^23 / 128, 40,060 at 2^25 / 512. CUDA's caching allocator has no
+# such cost, and larger blocks launch fewer kernels.
+SEARCH_BLOCKS = {"cpu": (1 << 22, 64), "cuda": (1 << 25, 512)}
 
 
 @dataclass(frozen=True)
