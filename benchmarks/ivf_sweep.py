@@ -92,8 +92,6 @@ def sweep(
         build_s = time.perf_counter() - started
         for nprobe in (p for p in nprobes if p <= nlist):
             index.spec = dataclasses.replace(spec, nprobe=nprobe)
-            for head in index.indexes:
-                head.nprobe = nprobe  # IVF-PQ's fast scan reads its own
             search_s, found = search(
                 lambda index=index: index.search(q, x, live, TOP_K)[1][0], repeats=3
             )

@@ -144,7 +144,6 @@ class AnnIndex:
             quantizer, d, spec.nlist, spec.m + 1, PQ_BITS, f.METRIC_INNER_PRODUCT
         )
         index.cp.spherical = False  # k-means in L2 on the lifted means, as IVF-flat
-        index.nprobe = spec.nprobe
         return index
 
     def _lift(self, x: torch.Tensor, max_norm2: float | None = None) -> np.ndarray:
@@ -218,6 +217,7 @@ class AnnIndex:
             ip = torch.from_numpy(lifted) @ c.T  # (b, nlist)
             lists = (c.square().sum(1) - 2 * ip).topk(spec.nprobe, largest=False).indices
             base = ip.gather(1, lists)  # (b, nprobe)
+            index.nprobe = spec.nprobe  # the width of `lists`: the fast scan takes no params
             return index.search_preassigned(lifted, fetch, lists.numpy(), base.numpy())[1]
         if spec.index == "hnsw":
             params = f.SearchParametersHNSW(sel=selector, efSearch=max(spec.ef_search, fetch))
