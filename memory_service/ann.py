@@ -1,4 +1,4 @@
-"""Approximate search over one store's chunk means: a faiss index per kv head, on the CPU.
+"""Approximate search over one store's chunk means: a faiss index per kv head.
 
 A `ChunkStore` whose bank has `index: ivf_flat | ivf_pq | hnsw` holds an `AnnIndex`. Until
 the store has `min_chunks` written slots it searches exactly; then the index is built
@@ -31,13 +31,20 @@ Vectors are labelled in insertion order and `label_slot` maps a label to the slo
 added for. Removal is the same for every kind: a slot that is overwritten (FIFO, LRA) gets
 a new label and its old one goes stale; stale labels, and those of deleted, evicted or
 not-yet-committed chunks, are excluded: inside the faiss search by an `IDSelectorBitmap`
-(IVF-flat and HNSW; passed only when some label is excluded: it slows the scan by
-30-60%), from IVF-PQ's candidates before they are rescored. Either way they never take a
-place in the top-k (in IVF-PQ they can take candidate places). When stale labels
-outnumber the slots, the index is rebuilt from the current means (IVF keeps its
-training). The candidates faiss returns are rescored exactly from the float32 means
-(IVF-PQ fetches `PQ_REFINE` times `top_k` of them first), in blocks of queries, so scores
-are exact inner products and only recall is approximate.
+(IVF-flat and HNSW on the CPU; passed only when some label is excluded: it slows the scan
+by 30-60%), else (IVF-PQ, faiss' GPU index) from the candidates before they are rescored,
+after fetching more of them: as many more as there are labels per allowed label. Either
+way they never take a place in the top-k. When stale labels outnumber the slots, the
+index is rebuilt from the current means (IVF keeps its training). The candidates faiss
+returns are rescored exactly from the bank's means, on the bank's device (IVF-PQ fetches
+`PQ_REFINE` times `top_k` of them first), in blocks of queries, so scores are exact inner
+products and only recall is approximate.
+
+On a GPU shard, IVF-flat is faiss' `GpuIndexIVFFlat` on the shard's GPU where the
+installed faiss has GPU support (conda's `faiss-gpu`, or PyPI's `faiss-gpu-cu12` for
+compute capability 7.0-8.9, in place of faiss-cpu); it holds a second, lifted copy of the
+means there. Otherwise, and for IVF-PQ (fast scan is a CPU kernel) and HNSW (faiss has no
+GPU HNSW), the index is on the CPU and only the rescoring runs on the GPU.
 
 faiss is imported on first use: `pip install 'longmem[ann]'` (faiss-cpu).
 """
@@ -66,6 +73,8 @@ HNSW_MIN_CHUNKS = 4096  # below this, exact search is as fast
 MAX_TRAIN_PER_LIST = 64  # IVF training sample: at most this many means per list
 RETRAIN_GROWTH = 4  # build from scratch when the written slots have grown this much
 NORM_MARGIN = 2.0  # M^2 of the lift over the largest squared norm at build
+GPU_MAX_K = 2048  # faiss' GPU IVF returns and probes at most this many
+_gpu_resources: dict[int, Any] = {}  # CUDA device -> faiss' resources, shared by its banks
 
 
 def faiss_module() -> Any:
@@ -77,6 +86,24 @@ def faiss_module() -> Any:
             "approximate indexes need faiss on the memory service: pip install 'longmem[ann]'"
         ) from None
     return faiss
+
+
+def faiss_gpu(faiss: Any, device: torch.device) -> int | None:
+    """`device`'s CUDA index where faiss can build GPU indexes there (faiss with GPU
+    support, a GPU it sees), else None."""
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return None
+    if faiss.get_num_gpus() == 0:
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+def gpu_resources(faiss: Any, gpu: int) -> Any:
+    """faiss' resources on CUDA device `gpu`: one per device, shared by its banks (a shard
+    runs one bank call at a time)."""
+    if gpu not in _gpu_resources:
+        _gpu_resources[gpu] = faiss.StandardGpuResources()
+    return _gpu_resources[gpu]
 
 
 def lift_norm2(means: torch.Tensor) -> torch.Tensor:
@@ -107,9 +134,11 @@ def random_rotation(dim: int) -> torch.Tensor:
 class AnnIndex:
     """One faiss index per kv head over a store's `(H, S, D)` means (see the module doc)."""
 
-    def __init__(self, spec: BankSpec, slots: int):
+    def __init__(self, spec: BankSpec, slots: int, device: str | torch.device = "cpu"):
         self.spec, self.slots = spec, slots
         self.faiss = faiss_module()
+        on_gpu = spec.index == "ivf_flat" and spec.nprobe <= GPU_MAX_K
+        self.gpu = faiss_gpu(self.faiss, torch.device(device)) if on_gpu else None  # its CUDA index
         self.indexes: list[Any] | None = None  # None: not built yet, search exactly
         self.trained_on = 0  # written slots at the last build from scratch
         self.max_norm2 = np.zeros(spec.kv_heads, dtype=np.float32)  # M^2 per head
@@ -131,12 +160,27 @@ class AnnIndex:
     def ready(self) -> bool:
         return self.indexes is not None
 
+    @property
+    def takes_selector(self) -> bool:
+        """Does faiss drop excluded labels inside the search (else they are filtered after)?"""
+        return not self.pq and self.gpu is None
+
+    def can_search(self, top_k: int) -> bool:
+        """Built, and able to return `top_k` (twice that on faiss' GPU index, which leaves
+        room to fetch past excluded labels); else the store searches exactly."""
+        return self.ready and (self.gpu is None or 2 * top_k <= GPU_MAX_K)
+
     def _new_index(self) -> Any:
         f, d, spec = self.faiss, self.dim, self.spec
         if spec.index == "hnsw":
             index = f.IndexHNSWFlat(d, spec.m, f.METRIC_L2)
             index.hnsw.efSearch = spec.ef_search
             return index
+        if self.gpu is not None:  # IVF-flat on the shard's GPU
+            config = f.GpuIndexIVFFlatConfig()
+            config.device = self.gpu
+            config.use_cuvs = False  # the classic GPU IVF in every faiss build
+            return f.GpuIndexIVFFlat(gpu_resources(f, self.gpu), d, spec.nlist, f.METRIC_L2, config)
         quantizer = f.IndexFlatL2(d)
         if spec.index == "ivf_flat":
             return f.IndexIVFFlat(quantizer, d, spec.nlist, f.METRIC_L2)
@@ -228,27 +272,33 @@ class AnnIndex:
     def search(
         self, queries: torch.Tensor, means: torch.Tensor, live: torch.Tensor, top_k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k live slots for queries `(H, b, D)` float32: exact scores `(H, b, k)` (-inf
-        where fewer were found) and slots `(H, b, k)` (-1 there), best first."""
+        """Top-k live slots for queries `(H, b, D)` float32 on the means' device: exact scores
+        `(H, b, k)` (-inf where fewer were found) and slots `(H, b, k)` (-1 there), best
+        first, on that device."""
         H, b, D = queries.shape
         allowed, selector = self.allowed(live), None
-        if allowed is not None and not self.pq:
+        fetch = top_k * (PQ_REFINE if self.pq else 1)
+        if allowed is not None and self.takes_selector:
             bitmap = np.packbits(allowed, bitorder="little")
             selector = self.faiss.IDSelectorBitmap(len(allowed), self.faiss.swig_ptr(bitmap))
-        fetch = top_k * (PQ_REFINE if self.pq else 1)
+        elif allowed is not None:  # filtered below: fetch past the excluded labels
+            fetch = math.ceil(fetch * len(allowed) / max(1, np.count_nonzero(allowed)))
+        if self.gpu is not None:
+            fetch = min(fetch, GPU_MAX_K)
         slots = torch.full((H, b, fetch), -1, dtype=torch.int64)
         for h in range(H):
             labels = self._search_head(h, queries[h], fetch, selector)
             found = labels >= 0
-            if allowed is not None:  # IVF-PQ's excluded candidates go here
+            if allowed is not None:
                 found &= allowed[labels.clip(min=0)]
             slots[h][torch.from_numpy(found)] = torch.from_numpy(self.label_slot[labels[found]])
+        slots = slots.to(means.device)
         heads = torch.arange(H, device=means.device)[:, None, None]
         scores, best = [], []
         step = max(1, RESCORE_BYTES // (H * fetch * D * 4))  # queries per block
         for lo in range(0, b, step):
             cand = slots[:, lo : lo + step]  # (H, b', f)
-            vectors = means[heads, cand.to(means.device).clamp(min=0)].float().cpu()  # (H,b',f,D)
+            vectors = means[heads, cand.clamp(min=0)].float()  # (H, b', f, D)
             exact = torch.einsum("hbd,hbfd->hbf", queries[:, lo : lo + step], vectors)
             top = exact.masked_fill(cand < 0, -math.inf).topk(min(top_k, fetch), dim=-1)
             scores.append(top.values)

@@ -470,7 +470,7 @@ class ChunkStore:
         self.last_used = torch.zeros(S, dtype=torch.int64) if self.lra else None  # (S,) stamps
         self.clock = 0  # the next stamp
         self.slot_of: dict[int, int] = {}  # LRA: chunk id -> slot
-        self.ann = AnnIndex(self.spec, S) if self.spec.index != "exact" else None
+        self.ann = AnnIndex(self.spec, S, self.device) if self.spec.index != "exact" else None
 
     def evict_below(self, oldest_live_id: int) -> None:
         """Drop chunks older than the id (the catalog's FIFO mark; it only moves forward)."""
@@ -662,9 +662,8 @@ class ChunkStore:
         live = self.live[: self.used]  # search the written slots only
         q = queries.to(self.device, torch.float32).view(n, H, g, D)
         q = q.permute(1, 0, 2, 3).reshape(H, n * g, D)  # (H, n*g, D)
-        if self.ann is not None and self.ann.ready:  # approximate: candidates, then exact
-            scores, slots = self.ann.search(q.cpu(), self.means[:, : self.used], live, top_k)
-            scores, slots = scores.to(self.device), slots.to(self.device)  # (H, n*g, top_k)
+        if self.ann is not None and self.ann.can_search(top_k):  # candidates, then exact
+            scores, slots = self.ann.search(q, self.means[:, : self.used], live, top_k)
         else:
             scores, slots = self._scan(q, live, top_k)
         ids = torch.where(slots >= 0, self.ids[slots.clamp(min=0)], -1)

@@ -73,14 +73,15 @@ def test_exact_search_equals_brute_force(H, Hq, D, csz, dtype, shards):
     [
         {"dtype": "float16"},
         {"dtype": "int8", "eviction": "lra"},
-        {"dtype": "int4", "index": "ivf_flat", "nlist": 16, "nprobe": 4},
+        {"dtype": "int4", "index": "ivf_pq", "nlist": 16, "nprobe": 4},  # a CPU index
         {"dtype": "int8", "search_dtype": "float16"},
     ],
 )
 def test_cuda_bank_finds_and_returns_what_the_cpu_bank_does(spec):
-    """A bank on a GPU shard (exact scan or IVF, quantized storage, float16 search keys,
+    """A bank on a GPU shard (exact scan or IVF-PQ, quantized storage, float16 search keys,
     FIFO or LRA eviction past its capacity) answers as the same bank on the CPU: the same
-    chunk ids, the same scores and pairs within float rounding."""
+    chunk ids, the same scores and pairs within float rounding. (IVF-flat may be faiss'
+    GPU index there, trained apart: `test_approximate_index_serves_live_chunks_...`.)"""
     keys, values = kv(4 * 5000, 3, 64)
     queries = torch.randn(1, 64, 9, 64)
     found = []

@@ -328,29 +328,44 @@ ANN = {
 
 
 @pytest.mark.parametrize(
-    "index, dtype", [(kind, "float16") for kind in sorted(ANN)] + [("ivf_flat", "int4")]
+    "index, dtype, device",
+    [(kind, "float16", "cpu") for kind in sorted(ANN)]
+    + [("ivf_flat", "int4", "cpu")]
+    + [
+        pytest.param(
+            "ivf_flat",
+            "float16",
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        )
+    ],
 )
 def test_approximate_index_serves_live_chunks_with_exact_scores(
-    index, dtype, tmp_path, monkeypatch
+    index, dtype, device, tmp_path, monkeypatch
 ):
-    pytest.importorskip("faiss")
+    """On a GPU shard IVF-flat is faiss' GPU index where faiss has GPU support, else the CPU
+    index with candidates rescored on the GPU: either way, the same guarantees."""
+    faiss = pytest.importorskip("faiss")
     from memory_service import ann
 
     monkeypatch.setattr(ann, "HNSW_MIN_CHUNKS", 312)  # as IVF with 8 lists: 39 * 8
     monkeypatch.setattr(ann, "RESCORE_BYTES", 1 << 16)  # candidates rescored in many blocks
-    builds = []
+    builds, on_gpu = [], set()
     build = ann.AnnIndex._build
     monkeypatch.setattr(
         ann.AnnIndex,
         "_build",
-        lambda self, means, used, train: builds.append(train) or build(self, means, used, train),
+        lambda self, means, used, train: builds.append(train)
+        or on_gpu.add(self.gpu is not None)
+        or build(self, means, used, train),
     )
     g = torch.Generator().manual_seed(3)
     n, D = 1500, 16
     keys = torch.randn(n, 1, D, generator=g).half().float()  # the same means in either dtype
     queries = torch.randn(1, 40, 2, D, generator=g)
     spec = dict(kv_heads=1, head_dim=D, chunk_size=1, capacity_tokens=n // 3)
-    exact, approx = InProcessClient(), InProcessClient(snapshot_dir=str(tmp_path))
+    exact = InProcessClient(device=device)
+    approx = InProcessClient(device=device, snapshot_dir=str(tmp_path))
     exact.create_bank("b", **spec, dtype=dtype)
     approx.create_bank("b", **spec, index=index, dtype=dtype, **ANN[index])
     for i, part in enumerate(torch.split(torch.arange(n), n // 6)):  # 6 appends
@@ -362,13 +377,15 @@ def test_approximate_index_serves_live_chunks_with_exact_scores(
             a = approx.search(["b"], queries, 16)
             assert torch.equal(a.chunk_ids, exact.search(["b"], queries, 16).chunk_ids)
     assert builds[0] is True and False in builds  # trained once, rebuilt as FIFO overwrote
+    faiss_gpu = device == "cuda" and hasattr(faiss, "StandardGpuResources")
+    assert on_gpu == {faiss_gpu and faiss.get_num_gpus() > 0}
     assert approx.describe_bank("b").bytes > exact.describe_bank("b").bytes
     for c in (exact, approx):
         c.delete_document("b", "gone")
     e = exact.search(["b"], queries, 16)
     means = keys[:, 0]  # chunk_size 1: a chunk's mean is its key
     approx.snapshot()  # the index is not saved: trained again from the means on restore
-    restored = InProcessClient(snapshot_dir=str(tmp_path))
+    restored = InProcessClient(device=device, snapshot_dir=str(tmp_path))
     for client in (approx, restored):
         a = client.search(["b"], queries, 16)
         # live: not evicted (the newest n/3), not deleted (the last append)
@@ -425,6 +442,29 @@ def test_ivf_pq_keeps_recall_where_a_few_dimensions_dominate():
     (_, ids), (_, exact_ids) = approx.search(queries, 16), exact.search(queries, 16)
     pairs = zip(ids.view(-1, 16), exact_ids.view(-1, 16), strict=True)
     assert sum(len(set(x.tolist()) & set(y.tolist())) for x, y in pairs) / ids.numel() >= 0.95
+
+
+@pytest.mark.parametrize("index", ["ivf_flat", "ivf_pq"])
+def test_excluded_chunks_never_crowd_out_live_ones(index):
+    """98% of the bank evicted: IVF-flat drops their labels inside faiss' search; IVF-PQ
+    (like faiss' GPU index, which takes no selector) fetches 50x the candidates and filters
+    them. With every list probed, both find exactly the exact search's top 16."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(0)
+    n, D = 4000, 16
+    keys = torch.randn(n, 1, 1, D, generator=g)  # (C, csz, H, D)
+    queries = torch.randn(30, 2, D, generator=g)  # (n, Hq, D)
+    spec = dict(kv_heads=1, head_dim=D, chunk_size=1, capacity_tokens=n)
+    exact = ChunkStore(BankSpec(**spec))
+    approx = ChunkStore(BankSpec(**spec, index=index, nlist=8, nprobe=8, m=8))
+    for store in (exact, approx):
+        store.add(torch.arange(n), keys, keys, oldest_live_id=0)
+        store.evict_below(n - 80)  # 80 live chunks
+    assert approx.ann.ready and approx.ann.takes_selector == (index == "ivf_flat")
+    (scores, ids), (exact_scores, exact_ids) = approx.search(queries, 16), exact.search(queries, 16)
+    assert int(ids.min()) >= n - 80
+    assert torch.equal(ids.sort(-1).values, exact_ids.sort(-1).values)
+    torch.testing.assert_close(scores, exact_scores, rtol=1e-5, atol=1e-5)
 
 
 def test_a_growing_index_is_trained_again_and_searched_without_a_selector(monkeypatch):
