@@ -179,7 +179,8 @@ class AnnIndex:
         if self.gpu is not None:  # IVF-flat on the shard's GPU
             config = f.GpuIndexIVFFlatConfig()
             config.device = self.gpu
-            config.use_cuvs = False  # the classic GPU IVF in every faiss build
+            if hasattr(config, "use_cuvs"):  # faiss >= 1.10 may be built with cuVS
+                config.use_cuvs = False  # the classic GPU IVF, in every build
             return f.GpuIndexIVFFlat(gpu_resources(f, self.gpu), d, spec.nlist, f.METRIC_L2, config)
         quantizer = f.IndexFlatL2(d)
         if spec.index == "ivf_flat":
