@@ -50,7 +50,10 @@ MAX_HEAD_DIM = 4096
 MAX_CHUNK_SIZE = 1024
 MAX_CAPACITY_TOKENS = 1 << 36
 MAX_NLIST, MAX_M, MAX_EF_SEARCH = 1 << 16, 256, MAX_TOP_K  # approximate index parameters
-HNSW_M = 16  # HNSW's default neighbours per node
+# HNSW's default neighbours per node. On SmolLM2's keys (kv head 2, 1M tokens, lifted,
+# ef_search 64) recall@16 was 0.40 at 16, 0.62 at 32 and 0.68 at 64, for 1, 1.26 and 2.3x
+# the search time; 32 costs 128 more bytes per chunk and head.
+HNSW_M = 32
 MAX_DOCUMENT_CHARS = 1024
 NO_END = 1 << 62  # a store's end mark until a call from the catalog sets one
 SEARCH_MIN_SLOTS = 4096  # slots per score block: a multiple of this (an odd width ran 1.7x slower)

@@ -508,7 +508,7 @@ def test_approximate_index_specs():
         BankSpec(kv_heads=1, head_dim=12, index="ivf_pq", m=8)
     spec = BankSpec(kv_heads=3, head_dim=64, index="ivf_pq")  # m 64: label + 65 4-bit codes
     assert spec.m == 64 and spec.bytes_per_token == 960 + 3 * (8 + 33) / 4
-    assert BankSpec(kv_heads=3, head_dim=64, index="hnsw").m == 16
+    assert BankSpec(kv_heads=3, head_dim=64, index="hnsw").m == 32
 
 
 def test_quantized_logs_replay_the_stored_form(tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from memory_service.bank import HNSW_M
 from memory_service.bench.common import CSZ, HQ, TOP_K, D, H, markdown, save_figure
 from memory_service.client import InProcessClient
 
@@ -40,7 +41,7 @@ GEN_STEPS = 32
 def index_params(kind: str, tokens: int, nprobe_div: int, max_nlist: int = 1024) -> dict:
     """The spec parameters of index `kind` for a bank of `tokens`."""
     if kind == "hnsw":
-        return {"m": 16, "ef_search": 64}
+        return {"m": HNSW_M, "ef_search": 64}
     nlist = max(1, min(max_nlist, tokens // CSZ // 64))
     params = {"nlist": nlist, "nprobe": max(1, nlist // nprobe_div)}
     return params | ({"m": D} if kind == "ivf_pq" else {})  # a 4-bit code per dimension
