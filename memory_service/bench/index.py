@@ -12,7 +12,7 @@ token. Keys and queries are Gaussian (no cluster structure: the hard case for IV
 (`keys.npy`, (N, 3, 64)) and retrieval queries (`queries.npy`, (128, 9, 64)).
 
 IVF uses `nlist = min(max_nlist, chunks // 64)` (`max_nlist` 1024 unless told) and
-`nprobe = nlist // nprobe_div`, IVF-PQ `m` 64 (one 4-bit code per dimension); HNSW `m` 16 and
+`nprobe = nlist // nprobe_div`, IVF-PQ `m` 64 (one 4-bit code per dimension); HNSW `m` 32 and
 `ef_search` 64. Writes `index_scaling.json`, `search_latency.png`, `recall.png` and
 `generation_step.png` to the output folder (the plots need matplotlib: `pip install -e '.[bench]'`).
 """
