@@ -42,9 +42,10 @@ products and only recall is approximate.
 
 On a GPU shard, IVF-flat is faiss' `GpuIndexIVFFlat` on the shard's GPU where the
 installed faiss has GPU support (conda's `faiss-gpu`, or PyPI's `faiss-gpu-cu12` for
-compute capability 7.0-8.9, in place of faiss-cpu); it holds a second, lifted copy of the
-means there. Otherwise, and for IVF-PQ (fast scan is a CPU kernel) and HNSW (faiss' GPU
-graph, CAGRA, needs a cuVS build), the index is on the CPU and the rescoring on the GPU.
+compute capability 7.0-8.9, in place of faiss-cpu) and `nprobe` is at most `GPU_MAX_K`; it
+holds a second, lifted copy of the means there. Otherwise, and for IVF-PQ (fast scan is a
+CPU kernel) and HNSW (faiss' GPU graph, CAGRA, needs a cuVS build), the index is on the CPU
+and the rescoring on the GPU.
 
 faiss is imported on first use: `pip install 'longmem[ann]'` (faiss-cpu).
 """
