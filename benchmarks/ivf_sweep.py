@@ -84,8 +84,7 @@ def sweep(
             index=kind,
             nlist=nlist,
             nprobe=1,
-            m=D,
-        )
+        )  # IVF-PQ's default m: head_dim
         index = AnnIndex(spec, slots=len(means))
         started = time.perf_counter()
         index.update(x, len(means), torch.arange(len(means)))  # trains and adds them all
